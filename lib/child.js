@@ -1,0 +1,250 @@
+'use strict';
+// The cluster object in a worker. `net` and `dgram` ask the built-in cluster
+// module for server handles; the preload points that module's `_getServer`
+// here. Round-robin servers get a faux handle, and connections arrive from the
+// native data channel in batches: each one becomes a real TCP/Pipe handle
+// passed to net's own `onconnection`, so 'connection', maxConnections,
+// pauseOnConnect, allowHalfOpen, noDelay and keep-alive behave as without cluster.
+
+const path = require('node:path');
+const EventEmitter = require('node:events');
+const native = require('./native.js');
+const Worker = require('./worker.js');
+const { sendControl, controlListener } = require('./protocol.js');
+const { connectionHandle } = require('./handles.js');
+
+const cluster = new EventEmitter();
+const handles = new Map(); // key -> handle, for disconnect
+const indexes = new Map();
+const byListener = new Map(); // native listener id -> { handle, server, isPipe }
+const TIMEOUT_MAX = 2 ** 31 - 1;
+let channelOpen = false;
+
+cluster.isWorker = true;
+cluster.isMaster = false;
+cluster.isPrimary = false;
+cluster.worker = null;
+cluster.Worker = Worker;
+
+cluster._setupWorker = function setupWorker(id, channelFd) {
+  const worker = new Worker({ id, process, state: 'online' });
+  cluster.worker = worker;
+
+  if (channelFd >= 0) {
+    const rc = native.workerAttach(channelFd, onBatch);
+    channelOpen = rc === 0;
+  }
+
+  process.once('disconnect', () => {
+    worker.emit('disconnect');
+    // The primary went away without asking us to go: leave at once.
+    if (!worker.exitedAfterDisconnect) process.exit(0);
+  });
+
+  process.on('internalMessage', controlListener(worker, onmessage));
+  send({ act: 'online' });
+
+  function onmessage(message) {
+    if (message.act === 'disconnect') Reflect.apply(disconnectWorker, worker, [true]);
+  }
+};
+
+// `obj` is a net.Server or a dgram.Socket.
+cluster._getServer = function getServer(obj, options, cb) {
+  let address = options.address;
+  if (options.port < 0 && typeof address === 'string') address = path.resolve(address);
+
+  const indexesKey = [address, options.port, options.addressType, options.fd].join(':');
+  let indexSet = indexes.get(indexesKey);
+  if (indexSet === undefined) {
+    indexSet = { nextIndex: 0, set: new Set() };
+    indexes.set(indexesKey, indexSet);
+  }
+  const index = indexSet.nextIndex++;
+  indexSet.set.add(index);
+
+  const message = { act: 'queryServer', index, data: null, ...options };
+  message.address = address;
+
+  // Custom data on the handle, e.g. TLS ticket keys shared by all workers.
+  if (obj._getServerData) message.data = obj._getServerData();
+
+  send(message, (reply, handle) => {
+    if (typeof obj._setServerData === 'function') obj._setServerData(reply.data);
+    if (handle) shared(reply, { handle, indexesKey, index }, cb);
+    else roundRobin(reply, { indexesKey, index, server: obj }, cb);
+  });
+
+  obj.once('listening', () => {
+    if (!indexes.has(indexesKey)) return; // closed already
+    cluster.worker.state = 'listening';
+    const bound = obj.address();
+    message.act = 'listening';
+    message.port = (bound && bound.port) || options.port;
+    send(message);
+  });
+};
+
+function removeIndexesKey(indexesKey, index) {
+  const indexSet = indexes.get(indexesKey);
+  if (!indexSet) return;
+  indexSet.set.delete(index);
+  if (indexSet.set.size === 0) indexes.delete(indexesKey);
+}
+
+// A socket shared by all workers (SCHED_NONE, UDP): a real handle.
+function shared(message, { handle, indexesKey, index }, cb) {
+  const key = message.key;
+  const close = handle.close;
+  handle.close = function closeShared() {
+    send({ act: 'close', key });
+    handles.delete(key);
+    removeIndexesKey(indexesKey, index);
+    return Reflect.apply(close, handle, arguments);
+  };
+  handles.set(key, handle);
+  cb(message.errno, handle);
+}
+
+// Round-robin: the primary accepts; we get a faux handle that net.Server
+// drives like a real one.
+function roundRobin(message, { indexesKey, index, server }, cb) {
+  if (message.errno) return cb(message.errno, null);
+  if (!channelOpen) return cb(-22 /* EINVAL */, null);
+
+  let key = message.key;
+  const listener = message.listener;
+  let keepAlive = null;
+
+  function ref() {
+    if (!keepAlive) keepAlive = setInterval(() => {}, TIMEOUT_MAX);
+  }
+
+  function unref() {
+    if (keepAlive) {
+      clearInterval(keepAlive);
+      keepAlive = null;
+    }
+  }
+
+  function listen() {
+    return 0; // the primary's socket listens already
+  }
+
+  function close() {
+    // net treats handle.close() as synchronous. Connections already on their
+    // way are declined (see onBatch) and the primary gives them to others.
+    if (key === undefined) return;
+    unref();
+    native.workerGone(listener);
+    send({ act: 'close', key });
+    handles.delete(key);
+    byListener.delete(listener);
+    removeIndexesKey(indexesKey, index);
+    key = undefined;
+  }
+
+  function getsockname(out) {
+    if (key) Object.assign(out, message.sockname);
+    return 0;
+  }
+
+  const handle = { close, listen, ref, unref };
+  handle.ref();
+  if (message.sockname) handle.getsockname = getsockname; // TCP only
+
+  handles.set(key, handle);
+  byListener.set(listener, { handle, server, isPipe: !message.sockname });
+  native.workerReady(listener);
+  cb(0, handle);
+}
+
+// A batch from the native channel: [listener, seq, fd, listener, seq, fd, ...].
+// Each connection is taken or declined, and the primary hears of all of them
+// in one write.
+function onBatch(batch) {
+  const accepted = [];
+  const declined = [];
+  try {
+    for (let i = 0; i + 2 < batch.length; i += 3) {
+      const seq = batch[i + 1];
+      const entry = byListener.get(batch[i]);
+      const server = entry && entry.server;
+      if (!entry || typeof entry.handle.onconnection !== 'function' ||
+          (server.maxConnections && server._connections >= server.maxConnections)) {
+        declined.push(seq);
+        continue;
+      }
+      const handle = connectionHandle(batch[i + 2], entry.isPipe);
+      if (typeof handle === 'number') {
+        declined.push(seq);
+        continue;
+      }
+      accepted.push(seq);
+      entry.handle.onconnection(0, handle);
+    }
+  } finally {
+    native.workerSettle(accepted, declined);
+  }
+}
+
+function send(message, cb) {
+  return sendControl(process, message, null, cb);
+}
+
+function disconnectWorker(primaryInitiated) {
+  this.exitedAfterDisconnect = true;
+  let waiting = 1;
+
+  function checkWaiting() {
+    waiting--;
+    if (waiting !== 0) return;
+    // A worker-initiated disconnect waits until the primary has recorded
+    // exitedAfterDisconnect; a primary-initiated one need not.
+    if (primaryInitiated) process.disconnect();
+    else send({ act: 'exitedAfterDisconnect' }, () => process.disconnect());
+  }
+
+  for (const handle of handles.values()) {
+    waiting++;
+    const owner = ownerOf(handle);
+    if (owner) owner.close(checkWaiting);
+    else handle.close(checkWaiting);
+  }
+  handles.clear();
+  checkWaiting();
+}
+
+// The net.Server or dgram.Socket that owns a handle (net stores it under an
+// internal symbol; our faux handles know their server directly).
+function ownerOf(handle) {
+  for (const entry of byListener.values()) {
+    if (entry.handle === handle) return entry.server;
+  }
+  for (const sym of Object.getOwnPropertySymbols(handle)) {
+    if (sym.description === 'owner_symbol') return handle[sym];
+  }
+  return null;
+}
+
+Worker.prototype.disconnect = function disconnect() {
+  if (this.state !== 'disconnecting' && this.state !== 'destroying') {
+    this.state = 'disconnecting';
+    Reflect.apply(disconnectWorker, this, []);
+  }
+  return this;
+};
+
+Worker.prototype.destroy = function destroy() {
+  if (this.state === 'destroying') return;
+  this.exitedAfterDisconnect = true;
+  if (!this.isConnected()) {
+    process.exit(0);
+  } else {
+    this.state = 'destroying';
+    send({ act: 'exitedAfterDisconnect' }, () => process.disconnect());
+    process.once('disconnect', () => process.exit(0));
+  }
+};
+
+module.exports = cluster;

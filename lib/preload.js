@@ -1,0 +1,41 @@
+'use strict';
+// Loaded with `--require` into every worker a cluster-rs primary forks,
+// before the application's own code. It makes this process a cluster worker
+// the way Node's bootstrap does for node:cluster workers: the built-in module
+// reports isWorker, routes net/dgram listens to our _getServer, and the
+// worker says 'online'. Apps that never require cluster-rs work unchanged.
+
+const env = require('./env.js');
+
+const WORKER = Symbol.for('cluster-rs.worker');
+const id = process.env[env.WORKER_ID];
+
+if (id !== undefined && globalThis[WORKER] === undefined) {
+  const channelFd = Number.parseInt(process.env[env.CHANNEL_FD], 10);
+  delete process.env[env.WORKER_ID];
+  delete process.env[env.CHANNEL_FD];
+
+  // Hide our --require from the app and from children it forks.
+  const at = process.execArgv.findIndex((arg, i) => arg === '--require' && process.execArgv[i + 1] === __filename);
+  if (at !== -1) process.execArgv.splice(at, 2);
+
+  const cluster = require('./child.js');
+  const builtin = require('node:cluster');
+  builtin.isWorker = true;
+  builtin.isPrimary = false;
+  builtin.isMaster = false;
+  builtin._getServer = cluster._getServer;
+  // One _getServer for both objects: code that replaces it on the module it
+  // required affects what net and dgram call, as with node:cluster.
+  Object.defineProperty(cluster, '_getServer', {
+    configurable: true,
+    enumerable: true,
+    get() { return builtin._getServer; },
+    set(fn) { builtin._getServer = fn; },
+  });
+  globalThis[WORKER] = cluster;
+
+  cluster._setupWorker(Number(id) | 0, Number.isInteger(channelFd) ? channelFd : -1);
+  builtin.worker = cluster.worker;
+  builtin.Worker = cluster.Worker;
+}

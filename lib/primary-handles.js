@@ -1,0 +1,102 @@
+'use strict';
+// What the primary keeps per server key (address:port:type:fd:index), like
+// node:cluster's RoundRobinHandle and SharedHandle, but the sockets are made
+// by the native core, and round-robin connections never touch JavaScript.
+
+const fs = require('node:fs');
+const native = require('./native.js');
+const { serverHandle, udpHandle } = require('./handles.js');
+
+const UV_TCP_IPV6ONLY = 1;
+const UV_UDP_IPV6ONLY = 1;
+const UV_UDP_REUSEADDR = 4;
+
+// Round-robin: the native dispatcher owns and accepts on the socket; workers
+// attach to it by listener id over their data channel.
+class RoundRobinHandle {
+  constructor(key, address, { port, fd, flags, backlog, readableAll, writableAll }) {
+    this.key = key;
+    this.workers = new Map();
+    let result;
+    if (fd >= 0) {
+      result = native.listenFd(fd, backlog | 0);
+    } else if (port >= 0) {
+      result = native.listenTcp(address || null, port, Boolean(flags & UV_TCP_IPV6ONLY), backlog | 0);
+    } else {
+      result = native.listenUnix(String(address), backlog | 0, Boolean(readableAll), Boolean(writableAll));
+    }
+    this.errno = result.errno;
+    this.listener = result.id;
+    this.sockname = result.port === undefined || result.port === null ? null :
+      { address: result.address, family: result.family, port: result.port };
+  }
+
+  add(worker, send) {
+    this.workers.set(worker.id, worker);
+    if (this.errno) return send(this.errno, null, null);
+    const reply = { listener: this.listener };
+    if (this.sockname) reply.sockname = this.sockname; // TCP only, as node:cluster
+    send(null, reply, null);
+  }
+
+  // True when the last worker left and the listener is closed.
+  remove(worker) {
+    if (!this.workers.delete(worker.id)) return false;
+    if (this.workers.size !== 0) return false;
+    if (this.listener >= 0) native.closeListener(this.listener);
+    this.listener = -1;
+    return true;
+  }
+}
+
+// SCHED_NONE and UDP: one bound socket, made natively, sent to every worker
+// over IPC; each worker accepts (or receives) on it itself.
+class SharedHandle {
+  constructor(key, address, { port, addressType, fd, flags, readableAll, writableAll }) {
+    this.key = key;
+    this.workers = new Map();
+    this.handle = null;
+    this.errno = 0;
+    this.path = null;
+    const udp = addressType === 'udp4' || addressType === 'udp6';
+    let result;
+    if (typeof fd === 'number' && fd >= 0) {
+      // The application's own descriptor: wrap it as node:cluster does.
+      const handle = udp ? udpHandle(fd) : serverHandle(fd);
+      if (typeof handle === 'number') this.errno = handle;
+      else this.handle = handle;
+      return;
+    } else if (udp) {
+      result = native.bindSharedUdp(address || null, port | 0, Boolean(flags & UV_UDP_IPV6ONLY),
+                                    Boolean(flags & UV_UDP_REUSEADDR));
+    } else if (port >= 0) {
+      result = native.bindSharedTcp(address || null, port, Boolean(flags & 1));
+    } else {
+      result = native.bindSharedUnix(String(address), Boolean(readableAll), Boolean(writableAll));
+      if (!result.errno) this.path = String(address);
+    }
+    if (result.errno) {
+      this.errno = result.errno;
+      return;
+    }
+    const handle = udp ? udpHandle(result.fd) : serverHandle(result.fd);
+    if (typeof handle === 'number') this.errno = handle;
+    else this.handle = handle;
+  }
+
+  add(worker, send) {
+    this.workers.set(worker.id, worker);
+    send(this.errno, null, this.handle);
+  }
+
+  remove(worker) {
+    if (!this.workers.delete(worker.id)) return false;
+    if (this.workers.size !== 0) return false;
+    if (this.handle) this.handle.close();
+    this.handle = null;
+    if (this.path) fs.rm(this.path, { force: true }, () => {});
+    return true;
+  }
+}
+
+module.exports = { RoundRobinHandle, SharedHandle };

@@ -1,0 +1,329 @@
+'use strict';
+// The cluster object in the primary. Its API and event order follow
+// node:cluster; what differs is underneath: every worker gets a native data
+// channel (an extra stdio fd) over which the native dispatcher hands it
+// connections, and workers start with a preload that turns them into
+// cluster-rs workers even when their code never requires cluster-rs.
+
+const path = require('node:path');
+const EventEmitter = require('node:events');
+const { fork } = require('node:child_process');
+const native = require('./native.js');
+const Worker = require('./worker.js');
+const { sendControl, controlListener } = require('./protocol.js');
+const { RoundRobinHandle, SharedHandle } = require('./primary-handles.js');
+const { badPort, validatePort, systemError } = require('./errors.js');
+const env = require('./env.js');
+
+const cluster = new EventEmitter();
+const intercom = new EventEmitter();
+const SCHED_NONE = 1;
+const SCHED_RR = 2;
+const PRELOAD = path.join(__dirname, 'preload.js');
+
+const handles = new Map();
+const kChannel = Symbol('cluster-rs.channel');
+let ids = 0;
+let initialized = false;
+
+cluster.isWorker = false;
+cluster.isMaster = true;
+cluster.isPrimary = true;
+cluster.Worker = Worker;
+cluster.workers = {};
+cluster.settings = {};
+cluster.SCHED_NONE = SCHED_NONE;
+cluster.SCHED_RR = SCHED_RR;
+
+let schedulingPolicy = process.env.NODE_CLUSTER_SCHED_POLICY;
+if (schedulingPolicy === 'rr') schedulingPolicy = SCHED_RR;
+else if (schedulingPolicy === 'none') schedulingPolicy = SCHED_NONE;
+else schedulingPolicy = SCHED_RR;
+cluster.schedulingPolicy = schedulingPolicy;
+
+cluster.setupPrimary = function setupPrimary(options) {
+  const settings = {
+    args: process.argv.slice(2),
+    exec: process.argv[1],
+    execArgv: process.execArgv,
+    silent: false,
+    ...cluster.settings,
+    ...options,
+  };
+
+  // One V8 profile log per process, as node:cluster arranges.
+  if (settings.execArgv.some((s) => s.startsWith('--prof')) &&
+      !settings.execArgv.some((s) => s.startsWith('--logfile='))) {
+    settings.execArgv = [...settings.execArgv, '--logfile=v8-%p.log'];
+  }
+
+  cluster.settings = settings;
+
+  if (initialized === true) return process.nextTick(emitSetup, settings);
+
+  initialized = true;
+  schedulingPolicy = cluster.schedulingPolicy; // frozen from here on
+  if (schedulingPolicy !== SCHED_NONE && schedulingPolicy !== SCHED_RR) {
+    const err = new Error(`Bad cluster.schedulingPolicy: ${schedulingPolicy}`);
+    err.code = 'ERR_INTERNAL_ASSERTION';
+    throw err;
+  }
+
+  process.nextTick(emitSetup, settings);
+
+  process.on('internalMessage', (message) => {
+    if (message === null || typeof message !== 'object' || message.cmd !== 'NODE_DEBUG_ENABLED') return;
+    for (const worker of Object.values(cluster.workers)) {
+      if (worker.state === 'online' || worker.state === 'listening') {
+        process._debugProcess(worker.process.pid);
+      } else {
+        worker.once('online', function onOnline() { process._debugProcess(this.process.pid); });
+      }
+    }
+  });
+};
+
+cluster.setupMaster = cluster.setupPrimary;
+
+function emitSetup(settings) {
+  cluster.emit('setup', settings);
+}
+
+// Inspector ports for workers: same rules as node:cluster.
+const kInspectArg = /--inspect(?:-brk|-port)?|--debug-port/;
+let debugPortOffset = 1;
+
+function usesInspector(execArgv) {
+  return execArgv.some((arg) => kInspectArg.test(arg)) || kInspectArg.test(process.env.NODE_OPTIONS);
+}
+
+function inspectPortFor(setting) {
+  let port = setting;
+  if (typeof port === 'function') {
+    port = port();
+  } else if (port == null) {
+    port = process.debugPort + debugPortOffset;
+    if (port > 65535) port = port - 65535 + 1024 - 1;
+    debugPortOffset++;
+  }
+  validatePort(port);
+  return port;
+}
+
+// fork()'s stdio, as child_process.fork would compute it, plus our channel.
+function stdioWith(settings, channelFd) {
+  let stdio = settings.stdio;
+  if (typeof stdio === 'string') stdio = [stdio, stdio, stdio, 'ipc'];
+  else if (!Array.isArray(stdio)) stdio = settings.silent ? ['pipe', 'pipe', 'pipe', 'ipc'] : [0, 1, 2, 'ipc'];
+  if (channelFd === undefined) return { stdio, childFd: -1 };
+  return { stdio: [...stdio, channelFd], childFd: stdio.length };
+}
+
+function openChannel() {
+  if (schedulingPolicy !== SCHED_RR) return null;
+  const [id, fd] = native.openChannel();
+  if (id < 0) throw systemError(id, 'socketpair');
+  return { id, fd };
+}
+
+function createWorkerProcess(id, workerEnv, channel) {
+  const settings = cluster.settings;
+  const execArgv = ['--require', PRELOAD, ...settings.execArgv];
+
+  if (settings.inspectPort === null) throw badPort('Port', null, true);
+  if (usesInspector(settings.execArgv)) {
+    execArgv.push(`--inspect-port=${inspectPortFor(settings.inspectPort)}`);
+  }
+
+  const { stdio, childFd } = stdioWith(settings, channel ? channel.fd : undefined);
+  return fork(settings.exec, settings.args, {
+    cwd: settings.cwd,
+    env: {
+      ...process.env,
+      ...workerEnv,
+      [env.WORKER_ID]: `${id}`,
+      [env.CHANNEL_FD]: `${childFd}`,
+    },
+    serialization: settings.serialization,
+    silent: settings.silent,
+    windowsHide: settings.windowsHide,
+    execArgv,
+    stdio,
+    gid: settings.gid,
+    uid: settings.uid,
+  });
+}
+
+function removeWorker(worker) {
+  delete cluster.workers[worker.id];
+  if (Object.keys(cluster.workers).length === 0) intercom.emit('disconnect');
+}
+
+function removeHandlesForWorker(worker) {
+  for (const [key, handle] of handles) {
+    if (handle.remove(worker)) handles.delete(key);
+  }
+}
+
+cluster.fork = function fork(env) {
+  cluster.setupPrimary();
+  const id = ++ids;
+  const channel = openChannel();
+  let workerProcess;
+  try {
+    workerProcess = createWorkerProcess(id, env, channel);
+  } catch (err) {
+    if (channel) native.removeChannel(channel.id);
+    throw err;
+  } finally {
+    // The child has its copy now (or never will): close ours.
+    if (channel) native.releaseSpawnEnd(channel.id);
+  }
+  const worker = new Worker({ id, process: workerProcess });
+  worker[kChannel] = channel ? channel.id : -1;
+
+  worker.on('message', function onMessage(message, handle) {
+    cluster.emit('message', this, message, handle);
+  });
+
+  worker.process.once('exit', (exitCode, signalCode) => {
+    // Keep the worker listed until it has also disconnected.
+    if (!worker.isConnected()) {
+      removeHandlesForWorker(worker);
+      removeWorker(worker);
+    }
+    if (worker[kChannel] >= 0) native.removeChannel(worker[kChannel]);
+    worker.exitedAfterDisconnect = !!worker.exitedAfterDisconnect;
+    worker.state = 'dead';
+    worker.emit('exit', exitCode, signalCode);
+    cluster.emit('exit', worker, exitCode, signalCode);
+  });
+
+  worker.process.once('disconnect', () => {
+    if (worker[kChannel] >= 0) native.retireChannel(worker[kChannel]);
+    removeHandlesForWorker(worker);
+    // Keep the worker listed until its process has also exited.
+    if (worker.isDead()) removeWorker(worker);
+    worker.exitedAfterDisconnect = !!worker.exitedAfterDisconnect;
+    worker.state = 'disconnected';
+    worker.emit('disconnect');
+    cluster.emit('disconnect', worker);
+  });
+
+  worker.process.on('internalMessage', controlListener(worker, onmessage));
+  process.nextTick(emitFork, worker);
+  cluster.workers[worker.id] = worker;
+  return worker;
+};
+
+function emitFork(worker) {
+  cluster.emit('fork', worker);
+}
+
+cluster.disconnect = function disconnect(cb) {
+  const workers = Object.values(cluster.workers);
+  if (workers.length === 0) {
+    process.nextTick(() => intercom.emit('disconnect'));
+  } else {
+    for (const worker of workers) {
+      if (worker.isConnected()) worker.disconnect();
+    }
+  }
+  if (typeof cb === 'function') intercom.once('disconnect', cb);
+};
+
+const actions = { close, exitedAfterDisconnect, listening, online, queryServer };
+
+function onmessage(message) {
+  const fn = Object.hasOwn(actions, message.act) ? actions[message.act] : undefined;
+  if (typeof fn === 'function') fn(this, message);
+}
+
+function online(worker) {
+  worker.state = 'online';
+  worker.emit('online');
+  cluster.emit('online', worker);
+}
+
+function exitedAfterDisconnect(worker, message) {
+  worker.exitedAfterDisconnect = true;
+  send(worker, { ack: message.seq });
+}
+
+function queryServer(worker, message) {
+  if (worker.exitedAfterDisconnect) return;
+
+  const key = `${message.address}:${message.port}:${message.addressType}:${message.fd}:${message.index}`;
+  let handle = handles.get(key);
+
+  if (handle === undefined) {
+    let address = message.address;
+    // Unix socket paths are limited to ~100 bytes: use the shorter spelling.
+    if (message.port < 0 && typeof address === 'string') {
+      address = path.relative(process.cwd(), address);
+      if (message.address.length < address.length) address = message.address;
+    }
+    const udp = message.addressType === 'udp4' || message.addressType === 'udp6';
+    handle = schedulingPolicy !== SCHED_RR || udp ?
+      new SharedHandle(key, address, message) :
+      new RoundRobinHandle(key, address, message);
+    handles.set(key, handle);
+  }
+
+  if (!handle.data) handle.data = message.data;
+
+  handle.add(worker, (errno, reply, sendHandle) => {
+    const { data } = handles.get(key);
+    if (errno) handles.delete(key); // lets another worker try again
+    send(worker, { errno, key, ack: message.seq, data, ...reply }, sendHandle);
+  });
+}
+
+function listening(worker, message) {
+  const info = {
+    addressType: message.addressType,
+    address: message.address,
+    port: message.port,
+    fd: message.fd,
+  };
+  worker.state = 'listening';
+  worker.emit('listening', info);
+  cluster.emit('listening', worker, info);
+}
+
+// A worker closed a server. Its handle may already be gone through
+// removeHandlesForWorker(), hence the guard.
+function close(worker, message) {
+  const handle = handles.get(message.key);
+  if (handle && handle.remove(worker)) handles.delete(message.key);
+}
+
+function send(worker, message, handle, cb) {
+  return sendControl(worker.process, message, handle, cb);
+}
+
+Worker.prototype.disconnect = function disconnect() {
+  this.exitedAfterDisconnect = true;
+  if (this[kChannel] >= 0) native.retireChannel(this[kChannel]);
+  send(this, { act: 'disconnect' });
+  removeHandlesForWorker(this);
+  removeWorker(this);
+  return this;
+};
+
+Worker.prototype.destroy = function destroy(signo) {
+  this.process.kill(signo || 'SIGTERM');
+};
+
+// Per-worker dispatch counters of the native core (for tests and benchmarks).
+cluster._dispatchStats = function dispatchStats() {
+  const byChannel = new Map(native.dispatchStats().map((s) => [s.id, s]));
+  const out = {};
+  for (const worker of Object.values(cluster.workers)) {
+    const s = byChannel.get(worker[kChannel]);
+    if (s) out[worker.id] = { handed: s.handed, accepted: s.accepted, declined: s.declined, held: s.held };
+  }
+  return out;
+};
+
+module.exports = cluster;

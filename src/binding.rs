@@ -1,0 +1,249 @@
+//! The napi surface. Everything crossing it is plain data: ids, fd numbers,
+//! counters, and `{ errno, syscall }` for failures, which `lib/errors.js`
+//! turns into Node-shaped errors in one place.
+
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use napi::bindgen_prelude::*;
+use napi::threadsafe_function::ThreadsafeFunctionCallMode;
+use napi_derive::napi;
+use once_cell::sync::OnceCell;
+
+use crate::dispatch::{Command, Dispatcher, DEFAULT_WINDOW};
+use crate::sockets::{self, InetSpec, Listening};
+use crate::sys::{self, SysError, SysResult};
+use crate::worker_channel::WorkerChannel;
+
+/// The outcome of creating a socket: `id` (listener) or `fd` (shared socket)
+/// on success, a negative `errno` and the failing `syscall` otherwise.
+#[napi(object)]
+#[derive(Default)]
+pub struct SocketResult {
+    pub id: i32,
+    pub fd: i32,
+    pub errno: i32,
+    pub syscall: Option<String>,
+    pub address: Option<String>,
+    pub family: Option<String>,
+    pub port: Option<u32>,
+}
+
+#[napi(object)]
+pub struct ChannelStats {
+    pub id: u32,
+    pub handed: f64,
+    pub accepted: f64,
+    pub declined: f64,
+    pub held: u32,
+}
+
+fn failed(e: SysError) -> SocketResult {
+    SocketResult { id: -1, fd: -1, errno: -(e.errno as i32), syscall: Some(e.syscall.to_string()), ..Default::default() }
+}
+
+static DISPATCHER: OnceCell<Dispatcher> = OnceCell::new();
+/// The worker ends of channels, kept open until the worker has been spawned.
+static SPAWN_ENDS: Mutex<Vec<(u32, OwnedFd)>> = Mutex::new(Vec::new());
+static WORKER: OnceCell<Arc<WorkerChannel>> = OnceCell::new();
+
+fn dispatcher() -> SysResult<&'static Dispatcher> {
+    DISPATCHER.get_or_try_init(|| {
+        let window = std::env::var("CLUSTER_RS_WINDOW").ok().and_then(|w| w.parse().ok()).unwrap_or(DEFAULT_WINDOW);
+        Dispatcher::start(window)
+    })
+}
+
+fn inet(host: Option<String>, port: u32, ipv6_only: bool, reuse_addr: bool) -> std::result::Result<InetSpec, SysError> {
+    let einval = SysError { syscall: "bind", errno: nix::errno::Errno::EINVAL };
+    let host = match host.as_deref() {
+        None | Some("") => None,
+        Some(h) => Some(h.parse::<IpAddr>().map_err(|_| einval)?),
+    };
+    let port = u16::try_from(port).map_err(|_| einval)?;
+    Ok(InetSpec { host, port, ipv6_only, reuse_addr })
+}
+
+fn register(listening: SysResult<Listening>) -> SocketResult {
+    let run = || -> SysResult<SocketResult> {
+        let listening = listening?;
+        let name = sockets::sockname(&listening.fd)?;
+        let d = dispatcher()?;
+        let id = d.next_id();
+        d.send(Command::AddListener { id, listening });
+        let mut out = SocketResult { id: id as i32, fd: -1, ..Default::default() };
+        if let Some(n) = name {
+            out.address = Some(n.address);
+            out.family = Some(n.family.to_string());
+            out.port = Some(n.port as u32);
+        }
+        Ok(out)
+    };
+    run().unwrap_or_else(failed)
+}
+
+fn shared(fd: SysResult<OwnedFd>) -> SocketResult {
+    match fd {
+        Ok(fd) => SocketResult { id: -1, fd: fd.into_raw_fd(), ..Default::default() },
+        Err(e) => failed(e),
+    }
+}
+
+/// A round-robin TCP listener owned by the dispatcher.
+#[napi]
+pub fn listen_tcp(host: Option<String>, port: u32, ipv6_only: bool, backlog: i32) -> SocketResult {
+    register(inet(host, port, ipv6_only, false).and_then(|spec| sockets::listen_tcp(&spec, backlog)))
+}
+
+/// A round-robin Unix-socket listener owned by the dispatcher.
+#[napi]
+pub fn listen_unix(path: String, backlog: i32, readable_all: bool, writable_all: bool) -> SocketResult {
+    register(sockets::bind_unix(&path, Some(backlog), readable_all, writable_all))
+}
+
+/// A round-robin listener on a socket the application passed by number.
+#[napi]
+pub fn listen_fd(fd: i32, backlog: i32) -> SocketResult {
+    register(sockets::listen_fd(fd, backlog))
+}
+
+/// A bound TCP socket for SCHED_NONE; the returned fd belongs to the caller.
+#[napi]
+pub fn bind_shared_tcp(host: Option<String>, port: u32, ipv6_only: bool) -> SocketResult {
+    shared(inet(host, port, ipv6_only, false).and_then(|spec| sockets::bind_tcp(&spec)))
+}
+
+/// A bound UDP socket shared by workers; the returned fd belongs to the caller.
+#[napi]
+pub fn bind_shared_udp(host: Option<String>, port: u32, ipv6_only: bool, reuse_addr: bool) -> SocketResult {
+    shared(inet(host, port, ipv6_only, reuse_addr).and_then(|spec| sockets::bind_udp(&spec)))
+}
+
+/// A bound Unix socket for SCHED_NONE; the caller owns the fd and the path.
+#[napi]
+pub fn bind_shared_unix(path: String, readable_all: bool, writable_all: bool) -> SocketResult {
+    shared(sockets::bind_unix(&path, None, readable_all, writable_all).map(|mut l| {
+        l.unlink_on_close.disarm(); // the handle that adopts it unlinks it, as libuv does
+        l.fd
+    }))
+}
+
+#[napi]
+pub fn close_listener(id: u32) {
+    if let Some(d) = DISPATCHER.get() {
+        d.send(Command::CloseListener { id });
+    }
+}
+
+/// A new worker channel: `[channelId, workerFd]`, or `[-errno]` on failure.
+/// `workerFd` stays open until `releaseSpawnEnd(channelId)`.
+#[napi]
+pub fn open_channel() -> Vec<i32> {
+    let run = || -> SysResult<Vec<i32>> {
+        let d = dispatcher()?;
+        let (primary_end, worker_end) = sys::stream_pair()?;
+        let id = d.next_id();
+        let raw = worker_end.as_raw_fd();
+        SPAWN_ENDS.lock().unwrap().push((id, worker_end));
+        d.send(Command::AddChannel { id, fd: primary_end });
+        Ok(vec![id as i32, raw])
+    };
+    run().unwrap_or_else(|e| vec![-(e.errno as i32)])
+}
+
+/// Closes the primary's copy of a worker's channel end once it is spawned.
+#[napi]
+pub fn release_spawn_end(channel: u32) {
+    SPAWN_ENDS.lock().unwrap().retain(|(id, _)| *id != channel);
+}
+
+#[napi]
+pub fn retire_channel(channel: u32) {
+    if let Some(d) = DISPATCHER.get() {
+        d.send(Command::RetireChannel { id: channel });
+    }
+}
+
+#[napi]
+pub fn remove_channel(channel: u32) {
+    release_spawn_end(channel);
+    if let Some(d) = DISPATCHER.get() {
+        d.send(Command::RemoveChannel { id: channel });
+    }
+}
+
+#[napi]
+pub fn dispatch_stats() -> Vec<ChannelStats> {
+    DISPATCHER.get().map(|d| d.stats()).unwrap_or_default().into_iter().map(|s| ChannelStats {
+        id: s.id,
+        handed: s.handed as f64,
+        accepted: s.accepted as f64,
+        declined: s.declined as f64,
+        held: s.held,
+    }).collect()
+}
+
+/// Starts receiving on the worker's channel end `fd`. `onBatch` gets
+/// `[listener, seq, fd, ...]`; a closed channel ends the thread. Returns 0 or -errno.
+#[napi]
+pub fn worker_attach(fd: i32, on_batch: Function<Vec<u32>, ()>) -> Result<i32> {
+    if WORKER.get().is_some() {
+        return Ok(-(nix::errno::Errno::EBUSY as i32));
+    }
+    // SAFETY: the primary placed this fd in our table at spawn for us alone,
+    // and the preload hands it over once (checked just above).
+    let owned = unsafe { sys::own(fd) };
+    let channel = match WorkerChannel::new(owned) {
+        Ok(c) => Arc::new(c),
+        Err(e) => return Ok(-(e.errno as i32)),
+    };
+    let _ = WORKER.set(channel.clone());
+    // Weak: a worker stays alive because of its servers, never because of us.
+    let tsfn = on_batch.build_threadsafe_function::<Vec<u32>>().weak::<true>().build()?;
+    std::thread::Builder::new()
+        .name("cluster-rs-worker".into())
+        .spawn(move || {
+            let _ = channel.receive(|batch| tsfn.call(batch, ThreadsafeFunctionCallMode::NonBlocking) == Status::Ok);
+        })
+        .map_err(|e| Error::from_reason(format!("cluster-rs: cannot start the receiving thread: {e}")))?;
+    Ok(0)
+}
+
+fn errno_of(r: SysResult<()>) -> i32 {
+    r.err().map(|e| -(e.errno as i32)).unwrap_or(0)
+}
+
+#[napi]
+pub fn worker_settle(accepted: Vec<u32>, declined: Vec<u32>) -> i32 {
+    WORKER.get().map(|w| errno_of(w.settle(&accepted, &declined))).unwrap_or(0)
+}
+
+#[napi]
+pub fn worker_ready(listener: u32) -> i32 {
+    WORKER.get().map(|w| errno_of(w.ready(listener))).unwrap_or(0)
+}
+
+#[napi]
+pub fn worker_gone(listener: u32) -> i32 {
+    WORKER.get().map(|w| errno_of(w.gone(listener))).unwrap_or(0)
+}
+
+/// An unbound socket of the given kind ("tcp4", "tcp6", "unix", "udp4", "udp6"),
+/// so JS can learn the class of handle Node makes for it. The caller owns it.
+#[napi]
+pub fn probe_socket(kind: String) -> i32 {
+    use nix::sys::socket::{AddressFamily, SockType};
+    let (family, ty) = match kind.as_str() {
+        "tcp4" => (AddressFamily::Inet, SockType::Stream),
+        "tcp6" => (AddressFamily::Inet6, SockType::Stream),
+        "unix" => (AddressFamily::Unix, SockType::Stream),
+        "udp4" => (AddressFamily::Inet, SockType::Datagram),
+        "udp6" => (AddressFamily::Inet6, SockType::Datagram),
+        _ => return -(nix::errno::Errno::EINVAL as i32),
+    };
+    match sys::socket(family, ty) {
+        Ok(fd) => fd.into_raw_fd(),
+        Err(e) => -(e.errno as i32),
+    }
+}

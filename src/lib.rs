@@ -1,0 +1,17 @@
+//! Native core of cluster-rs.
+//!
+//! - `sys`: portable, close-on-exec socket syscalls.
+//! - `sockets`: the listening and shared sockets a primary creates.
+//! - `wire`: the record protocol of a primary↔worker data channel.
+//! - `dispatch`: the primary's accept-and-hand-off thread.
+//! - `worker_channel`: the worker's receiving end.
+//! - `binding` (feature `node`): the napi functions `lib/native.js` calls.
+
+pub mod dispatch;
+pub mod sockets;
+pub mod sys;
+pub mod wire;
+pub mod worker_channel;
+
+#[cfg(feature = "node")]
+mod binding;

@@ -1,0 +1,265 @@
+//! Creating the sockets a primary owns: listening TCP and Unix sockets for
+//! round-robin, and bound (not listening) TCP/UDP sockets that are shared with
+//! workers under SCHED_NONE. Behaves like libuv's `uv_tcp_bind`/`uv_pipe_bind`
+//! so that errors and socket options match what a Node server would get.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, SockType, SockaddrIn, SockaddrIn6, SockaddrLike,
+    SockaddrStorage, UnixAddr,
+};
+
+use crate::sys::{self, SysError, SysResult, Syscall};
+
+/// Node's default `listen()` backlog.
+pub const DEFAULT_BACKLOG: i32 = 511;
+
+/// What a TCP or UDP socket binds to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InetSpec {
+    /// `None` means "any address": dual-stack `::`, or `0.0.0.0` where IPv6 is missing.
+    pub host: Option<IpAddr>,
+    pub port: u16,
+    pub ipv6_only: bool,
+    /// UDP only: `reuseAddr` of `dgram.createSocket`.
+    pub reuse_addr: bool,
+}
+
+/// A listening socket plus the path to unlink when it closes (Unix sockets).
+#[derive(Debug)]
+pub struct Listening {
+    pub fd: OwnedFd,
+    pub unlink_on_close: UnlinkOnDrop,
+}
+
+/// Removes a Unix socket's file when dropped, as libuv does when a pipe server closes.
+#[derive(Debug, Default)]
+pub struct UnlinkOnDrop(Option<PathBuf>);
+
+impl UnlinkOnDrop {
+    /// Leaves the file in place: someone else now owns the socket and its path.
+    pub fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for UnlinkOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The local address of an inet socket, as `server.address()` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SockName {
+    pub address: String,
+    pub family: &'static str,
+    pub port: u16,
+}
+
+fn bind_inet(ty: SockType, addr: SocketAddr, spec: &InetSpec) -> SysResult<OwnedFd> {
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = sys::socket(family, ty)?;
+    if ty == SockType::Stream || spec.reuse_addr {
+        // libuv always sets SO_REUSEADDR on TCP servers; UDP only on request.
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).syscall("setsockopt")?;
+        #[cfg(not(target_os = "linux"))]
+        if ty == SockType::Datagram {
+            // BSD needs SO_REUSEPORT for several UDP sockets on one port, as libuv does.
+            socket::setsockopt(&fd, sockopt::ReusePort, &true).syscall("setsockopt")?;
+        }
+    }
+    if addr.is_ipv6() {
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &spec.ipv6_only).syscall("setsockopt")?;
+    }
+    let bound = match addr {
+        SocketAddr::V4(v4) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(v4)),
+        SocketAddr::V6(v6) => socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(v6)),
+    };
+    bound.syscall("bind")?;
+    Ok(fd)
+}
+
+/// Binds like Node does when no host is given: `::` first, `0.0.0.0` if that fails.
+fn bind_any(ty: SockType, spec: &InetSpec) -> SysResult<OwnedFd> {
+    match spec.host {
+        Some(ip) => bind_inet(ty, SocketAddr::new(ip, spec.port), spec),
+        None => bind_inet(ty, SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), spec.port), spec)
+            .or_else(|_| {
+                bind_inet(ty, SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), spec.port), spec)
+            }),
+    }
+}
+
+fn backlog(n: i32) -> SysResult<Backlog> {
+    let n = if n <= 0 { DEFAULT_BACKLOG } else { n.min(Backlog::MAXCONN.into()) };
+    Backlog::new(n).syscall("listen")
+}
+
+fn start_listening(fd: &OwnedFd, n: i32) -> SysResult<()> {
+    socket::listen(fd, backlog(n)?).syscall("listen")
+}
+
+/// A listening TCP socket for round-robin.
+pub fn listen_tcp(spec: &InetSpec, n: i32) -> SysResult<Listening> {
+    let fd = bind_any(SockType::Stream, spec)?;
+    start_listening(&fd, n)?;
+    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default() })
+}
+
+/// A bound, not yet listening, TCP socket to share with workers (SCHED_NONE):
+/// each worker's `server.listen()` calls `listen(2)` on it, as with node:cluster.
+pub fn bind_tcp(spec: &InetSpec) -> SysResult<OwnedFd> {
+    bind_any(SockType::Stream, spec)
+}
+
+/// A bound UDP socket to share with workers.
+pub fn bind_udp(spec: &InetSpec) -> SysResult<OwnedFd> {
+    bind_any(SockType::Datagram, spec)
+}
+
+fn unix_addr(path: &str) -> SysResult<(UnixAddr, Option<PathBuf>)> {
+    if let Some(name) = path.strip_prefix('\0') {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            return UnixAddr::new_abstract(name.as_bytes()).syscall("bind").map(|a| (a, None));
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            let _ = name;
+            return Err(SysError { syscall: "bind", errno: Errno::EINVAL });
+        }
+    }
+    let addr = UnixAddr::new(path).syscall("bind")?;
+    Ok((addr, Some(PathBuf::from(path))))
+}
+
+/// A Unix stream socket at `path`, bound; listening when `n` is given.
+/// `mode` adds read/write permission for everyone, like `readableAll`/`writableAll`.
+pub fn bind_unix(path: &str, listen_backlog: Option<i32>, readable_all: bool, writable_all: bool)
+    -> SysResult<Listening>
+{
+    let (addr, file) = unix_addr(path)?;
+    let fd = sys::socket(AddressFamily::Unix, SockType::Stream)?;
+    socket::bind(fd.as_raw_fd(), &addr).syscall("bind")?;
+    let listening = Listening { fd, unlink_on_close: UnlinkOnDrop(file) };
+    if let Some(n) = listen_backlog {
+        start_listening(&listening.fd, n)?;
+    }
+    if readable_all || writable_all {
+        chmod_all(path, readable_all, writable_all)?;
+    }
+    Ok(listening)
+}
+
+fn chmod_all(path: &str, readable: bool, writable: bool) -> SysResult<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let to_err = |e: std::io::Error| SysError {
+        syscall: "chmod",
+        errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    };
+    let meta = std::fs::metadata(path).map_err(to_err)?;
+    let mut mode = meta.permissions().mode();
+    if readable {
+        mode |= 0o444;
+    }
+    if writable {
+        mode |= 0o222;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(to_err)
+}
+
+/// Adopts a socket the application passed by number (`listen({ fd })`): a
+/// close-on-exec duplicate that listens, so the original stays the app's.
+pub fn listen_fd(fd: RawFd, n: i32) -> SysResult<Listening> {
+    let fd = sys::dup_cloexec(fd)?;
+    let ty: SockType = socket::getsockopt(&fd, sockopt::SockType).syscall("getsockopt")?;
+    if ty != SockType::Stream {
+        return Err(SysError { syscall: "listen", errno: Errno::EINVAL });
+    }
+    sys::set_nonblocking(fd.as_fd(), true)?;
+    start_listening(&fd, n)?;
+    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default() })
+}
+
+/// The local address of an inet socket; `None` for a Unix socket.
+pub fn sockname(fd: &OwnedFd) -> SysResult<Option<SockName>> {
+    let storage: SockaddrStorage = socket::getsockname(fd.as_raw_fd()).syscall("getsockname")?;
+    if let Some(v4) = storage.as_sockaddr_in() {
+        return Ok(Some(SockName { address: v4.ip().to_string(), family: "IPv4", port: v4.port() }));
+    }
+    if let Some(v6) = storage.as_sockaddr_in6() {
+        return Ok(Some(SockName { address: v6.ip().to_string(), family: "IPv6", port: v6.port() }));
+    }
+    let _ = storage.family();
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loopback(port: u16) -> InetSpec {
+        InetSpec { host: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), port, ipv6_only: false, reuse_addr: false }
+    }
+
+    #[test]
+    fn tcp_listener_reports_its_port_and_is_cloexec() {
+        let l = listen_tcp(&loopback(0), 16).unwrap();
+        let name = sockname(&l.fd).unwrap().unwrap();
+        assert_eq!(name.family, "IPv4");
+        assert_eq!(name.address, "127.0.0.1");
+        assert_ne!(name.port, 0);
+        let flags = nix::fcntl::fcntl(l.fd.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+    }
+
+    #[test]
+    fn second_bind_on_same_port_is_eaddrinuse() {
+        let first = listen_tcp(&loopback(0), 16).unwrap();
+        let port = sockname(&first.fd).unwrap().unwrap().port;
+        let err = listen_tcp(&loopback(port), 16).unwrap_err();
+        assert_eq!(err, SysError { syscall: "bind", errno: Errno::EADDRINUSE });
+    }
+
+    #[test]
+    fn unix_listener_unlinks_its_path_on_drop() {
+        let dir = std::env::temp_dir().join(format!("cluster-rs-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let p = path.to_str().unwrap();
+        let l = bind_unix(p, Some(8), true, false).unwrap();
+        assert!(path.exists());
+        assert_eq!(sockname(&l.fd).unwrap(), None);
+        let again = bind_unix(p, Some(8), false, false).unwrap_err();
+        assert_eq!(again.errno, Errno::EADDRINUSE);
+        drop(l);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn udp_sockets_share_a_port_only_with_reuse_addr() {
+        let mut spec = loopback(0);
+        spec.reuse_addr = true;
+        let a = bind_udp(&spec).unwrap();
+        spec.port = sockname(&a).unwrap().unwrap().port;
+        let b = bind_udp(&spec).unwrap();
+        assert_eq!(sockname(&b).unwrap().unwrap().port, spec.port);
+        spec.reuse_addr = false;
+        assert_eq!(bind_udp(&spec).unwrap_err().errno, Errno::EADDRINUSE);
+    }
+
+    #[test]
+    fn listen_fd_rejects_a_datagram_socket_and_bad_numbers() {
+        let udp = bind_udp(&loopback(0)).unwrap();
+        assert_eq!(listen_fd(udp.as_raw_fd(), 8).unwrap_err().errno, Errno::EINVAL);
+        assert_eq!(listen_fd(987_654, 8).unwrap_err().errno, Errno::EBADF);
+    }
+}

@@ -1,0 +1,159 @@
+//! Thin, portable wrappers over the socket syscalls the core needs.
+//!
+//! Every descriptor leaves this module as an `OwnedFd` with close-on-exec set,
+//! so no process that a primary or a worker spawns inherits a listening socket
+//! or a channel. Linux sets the flag atomically (`SOCK_CLOEXEC`, `accept4`,
+//! `MSG_CMSG_CLOEXEC`); macOS has none of those and sets it right after the call.
+
+#[cfg(not(target_os = "linux"))]
+use std::os::fd::AsFd;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
+
+/// A failed syscall: the errno and the name of the call, as Node reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SysError {
+    pub syscall: &'static str,
+    pub errno: Errno,
+}
+
+impl std::fmt::Display for SysError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:?} ({})", self.syscall, self.errno, self.errno.desc())
+    }
+}
+
+impl std::error::Error for SysError {}
+
+pub type SysResult<T> = Result<T, SysError>;
+
+/// Names the syscall behind a `nix::Result`.
+pub trait Syscall<T> {
+    fn syscall(self, name: &'static str) -> SysResult<T>;
+}
+
+impl<T> Syscall<T> for nix::Result<T> {
+    fn syscall(self, name: &'static str) -> SysResult<T> {
+        self.map_err(|errno| SysError { syscall: name, errno })
+    }
+}
+
+#[cfg(target_os = "linux")]
+const ATOMIC_FLAGS: SockFlag = SockFlag::SOCK_CLOEXEC.union(SockFlag::SOCK_NONBLOCK);
+
+/// `socket(2)`, close-on-exec and non-blocking.
+pub fn socket(family: AddressFamily, ty: SockType) -> SysResult<OwnedFd> {
+    #[cfg(target_os = "linux")]
+    {
+        socket::socket(family, ty, ATOMIC_FLAGS, None).syscall("socket")
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let fd = socket::socket(family, ty, SockFlag::empty(), None).syscall("socket")?;
+        set_cloexec(fd.as_fd())?;
+        set_nonblocking(fd.as_fd(), true)?;
+        Ok(fd)
+    }
+}
+
+/// A connected pair of Unix stream sockets, both close-on-exec, both blocking.
+pub fn stream_pair() -> SysResult<(OwnedFd, OwnedFd)> {
+    #[cfg(target_os = "linux")]
+    {
+        socket::socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+            .syscall("socketpair")
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let (a, b) = socket::socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::empty())
+            .syscall("socketpair")?;
+        set_cloexec(a.as_fd())?;
+        set_cloexec(b.as_fd())?;
+        Ok((a, b))
+    }
+}
+
+/// Accepts one pending connection. The new descriptor is close-on-exec and
+/// blocking: the worker's libuv makes it non-blocking when it wraps it.
+pub fn accept(listener: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+    #[cfg(target_os = "linux")]
+    {
+        socket::accept4(listener, SockFlag::SOCK_CLOEXEC).syscall("accept")
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let fd = socket::accept(listener).syscall("accept")?;
+        set_cloexec(fd.as_fd())?;
+        // BSD sockets inherit O_NONBLOCK from the listener; Linux's do not.
+        set_nonblocking(fd.as_fd(), false)?;
+        Ok(fd)
+    }
+}
+
+/// Flags for `recvmsg` so that received descriptors are close-on-exec at once.
+pub fn recv_cloexec_flags() -> socket::MsgFlags {
+    #[cfg(target_os = "linux")]
+    {
+        socket::MsgFlags::MSG_CMSG_CLOEXEC
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        socket::MsgFlags::empty()
+    }
+}
+
+/// Takes ownership of descriptors that arrived in an `SCM_RIGHTS` message.
+pub fn adopt_received(raw: &[RawFd]) -> Vec<OwnedFd> {
+    raw.iter()
+        .map(|&fd| {
+            // SAFETY: the kernel installed `fd` in our table for this message
+            // and nothing else refers to it yet, so we are its only owner.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            #[cfg(not(target_os = "linux"))]
+            let _ = set_cloexec(owned.as_fd());
+            owned
+        })
+        .collect()
+}
+
+pub fn set_cloexec(fd: BorrowedFd<'_>) -> SysResult<()> {
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).syscall("fcntl").map(drop)
+}
+
+pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> SysResult<()> {
+    let bits = fcntl(fd, FcntlArg::F_GETFL).syscall("fcntl")?;
+    let mut flags = OFlag::from_bits_truncate(bits);
+    flags.set(OFlag::O_NONBLOCK, on);
+    fcntl(fd, FcntlArg::F_SETFL(flags)).syscall("fcntl").map(drop)
+}
+
+/// Duplicates a descriptor we were given (e.g. `listen({ fd })`), close-on-exec.
+pub fn dup_cloexec(fd: RawFd) -> SysResult<OwnedFd> {
+    // SAFETY: only borrowed for the duration of the fcntl call; a bad number
+    // makes fcntl fail with EBADF, it does not touch memory.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let new = fcntl(borrowed, FcntlArg::F_DUPFD_CLOEXEC(3)).syscall("dup")?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Takes ownership of a descriptor number that a caller hands over.
+///
+/// # Safety
+/// `fd` must be open and owned by nobody else.
+pub unsafe fn own(fd: RawFd) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+pub fn raw(fd: &impl AsRawFd) -> RawFd {
+    fd.as_raw_fd()
+}
+
+/// True when the errno means "try again later" on a non-blocking descriptor.
+pub fn would_block(errno: Errno) -> bool {
+    errno == Errno::EAGAIN || errno == Errno::EWOULDBLOCK
+}

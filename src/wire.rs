@@ -1,0 +1,229 @@
+//! The data channel between a primary and one worker: a Unix stream socket
+//! carrying fixed-size records, with connection descriptors in `SCM_RIGHTS`.
+//!
+//! Every `Conn` record owns exactly one descriptor. Descriptors ride on the
+//! first byte of the `sendmsg` that carries their records, so they never arrive
+//! later than their records; the receiver keeps them in a FIFO and pairs each
+//! `Conn` record with the next one. That pairing survives any split of the byte
+//! stream, including a short write.
+
+use std::collections::VecDeque;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{OwnedFd, RawFd};
+
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use crate::sys::{self, SysResult, Syscall};
+
+pub const RECORD_LEN: usize = 12;
+/// Most descriptors in one message. Both ends size their buffers for it.
+pub const MAX_FDS_PER_MSG: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// primary → worker: a connection for `listener`; carries one fd.
+    Conn { listener: u32, seq: u32 },
+    /// worker → primary: the worker took connection `seq` (or declined it).
+    Ack { seq: u32, accepted: bool },
+    /// worker → primary: send me connections of `listener` from now on.
+    Ready { listener: u32 },
+    /// worker → primary: stop sending connections of `listener`.
+    Gone { listener: u32 },
+}
+
+const CONN: u32 = 1;
+const ACK: u32 = 2;
+const READY: u32 = 3;
+const GONE: u32 = 4;
+
+impl Record {
+    pub fn encode(self, out: &mut Vec<u8>) {
+        let (kind, a, b) = match self {
+            Record::Conn { listener, seq } => (CONN, listener, seq),
+            Record::Ack { seq, accepted } => (ACK, seq, accepted as u32),
+            Record::Ready { listener } => (READY, listener, 0),
+            Record::Gone { listener } => (GONE, listener, 0),
+        };
+        for word in [kind, a, b] {
+            out.extend_from_slice(&word.to_ne_bytes());
+        }
+    }
+
+    /// `None` for an unknown kind: a malformed record is skipped, never fatal.
+    pub fn decode(bytes: &[u8; RECORD_LEN]) -> Option<Record> {
+        let word = |i: usize| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+        let (a, b) = (word(1), word(2));
+        match word(0) {
+            CONN => Some(Record::Conn { listener: a, seq: b }),
+            ACK if b <= 1 => Some(Record::Ack { seq: a, accepted: b == 1 }),
+            READY => Some(Record::Ready { listener: a }),
+            GONE => Some(Record::Gone { listener: a }),
+            _ => None,
+        }
+    }
+}
+
+/// Reassembles records from a byte stream and pairs `Conn` records with fds.
+#[derive(Default)]
+pub struct Decoder {
+    bytes: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+/// A decoded record, with its descriptor when it is a `Conn`.
+#[derive(Debug)]
+pub struct Incoming {
+    pub record: Record,
+    pub fd: Option<OwnedFd>,
+}
+
+impl Decoder {
+    pub fn push(&mut self, bytes: &[u8], fds: Vec<OwnedFd>) {
+        self.bytes.extend_from_slice(bytes);
+        self.fds.extend(fds);
+    }
+
+    /// Decodes every whole record received so far.
+    pub fn drain(&mut self, out: &mut Vec<Incoming>) {
+        let whole = self.bytes.len() / RECORD_LEN * RECORD_LEN;
+        for chunk in self.bytes[..whole].chunks_exact(RECORD_LEN) {
+            let Some(record) = Record::decode(chunk.try_into().unwrap()) else { continue };
+            let fd = match record {
+                Record::Conn { .. } => match self.fds.pop_front() {
+                    Some(fd) => Some(fd),
+                    None => continue, // a Conn without a descriptor is malformed: skip it
+                },
+                _ => None,
+            };
+            out.push(Incoming { record, fd });
+        }
+        self.bytes.drain(..whole);
+    }
+}
+
+/// Writes `bytes` with `fds` attached, without blocking. Returns the bytes sent:
+/// when fewer than all, every fd went with them and the rest must follow alone.
+pub fn send(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> SysResult<usize> {
+    debug_assert!(fds.len() <= MAX_FDS_PER_MSG);
+    let iov = [IoSlice::new(bytes)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    socket::sendmsg::<()>(fd, &iov, cmsgs, MsgFlags::MSG_DONTWAIT, None).syscall("sendmsg")
+}
+
+/// Reads what is there (blocking or not, as the socket is). `Ok(0)` is end of stream.
+/// Received fds are owned and close-on-exec before anything else sees them.
+pub fn recv(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> SysResult<usize> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MSG]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), sys::recv_cloexec_flags())
+        .syscall("recvmsg")?;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                fds.extend(sys::adopt_received(&raw));
+            }
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        // Our peer never sends more than MAX_FDS_PER_MSG; anything else is not ours.
+        return Err(sys::SysError { syscall: "recvmsg", errno: nix::errno::Errno::EMSGSIZE });
+    }
+    Ok(msg.bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, AsRawFd};
+
+    fn encode_all(records: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        records.iter().for_each(|r| r.encode(&mut out));
+        out
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let all = [
+            Record::Conn { listener: 7, seq: u32::MAX },
+            Record::Ack { seq: 3, accepted: true },
+            Record::Ack { seq: 4, accepted: false },
+            Record::Ready { listener: 1 },
+            Record::Gone { listener: 2 },
+        ];
+        for r in all {
+            let mut out = Vec::new();
+            r.encode(&mut out);
+            assert_eq!(out.len(), RECORD_LEN);
+            assert_eq!(Record::decode(out.as_slice().try_into().unwrap()), Some(r));
+        }
+    }
+
+    #[test]
+    fn malformed_records_are_skipped() {
+        let mut bytes = encode_all(&[Record::Ready { listener: 1 }]);
+        bytes.extend_from_slice(&[0xff; RECORD_LEN]); // unknown kind
+        let mut bad_ack = Vec::new();
+        for w in [ACK, 1u32, 9] {
+            bad_ack.extend_from_slice(&w.to_ne_bytes());
+        }
+        bytes.extend_from_slice(&bad_ack);
+        bytes.extend(encode_all(&[Record::Conn { listener: 1, seq: 1 }])); // no fd for it
+        bytes.extend(encode_all(&[Record::Gone { listener: 1 }]));
+        let mut d = Decoder::default();
+        d.push(&bytes, vec![]);
+        let mut out = Vec::new();
+        d.drain(&mut out);
+        let got: Vec<Record> = out.iter().map(|i| i.record).collect();
+        assert_eq!(got, vec![Record::Ready { listener: 1 }, Record::Gone { listener: 1 }]);
+    }
+
+    #[test]
+    fn decoder_handles_split_records_and_pairs_fds_in_order() {
+        let (a, b) = sys::stream_pair().unwrap();
+        let (x, _y) = sys::stream_pair().unwrap();
+        let bytes = encode_all(&[
+            Record::Conn { listener: 1, seq: 10 },
+            Record::Ack { seq: 5, accepted: true },
+            Record::Conn { listener: 2, seq: 11 },
+        ]);
+        let fds = [a.as_raw_fd(), x.as_raw_fd()];
+        // Send the first 5 bytes with both fds, the rest later, as after a short write.
+        let (sa, sb) = sys::stream_pair().unwrap();
+        assert_eq!(send(sa.as_raw_fd(), &bytes[..5], &fds).unwrap(), 5);
+        assert_eq!(send(sa.as_raw_fd(), &bytes[5..], &[]).unwrap(), bytes.len() - 5);
+        let mut d = Decoder::default();
+        let mut out = Vec::new();
+        let mut total = 0;
+        while total < bytes.len() {
+            let mut buf = [0u8; 64];
+            let mut got = Vec::new();
+            let n = recv(sb.as_raw_fd(), &mut buf, &mut got).unwrap();
+            total += n;
+            d.push(&buf[..n], got);
+            d.drain(&mut out);
+        }
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].record, Record::Conn { listener: 1, seq: 10 });
+        assert!(out[1].fd.is_none());
+        assert_eq!(out[2].record, Record::Conn { listener: 2, seq: 11 });
+        // The received fds are new descriptors for the same sockets, in order:
+        // writing into the first one's peer is readable through it.
+        let first = out[0].fd.as_ref().unwrap();
+        nix::unistd::write(b.as_fd(), b"hi").unwrap();
+        let mut two = [0u8; 2];
+        assert_eq!(nix::unistd::read(first.as_fd(), &mut two).unwrap(), 2);
+        assert_eq!(&two, b"hi");
+        let flags = nix::fcntl::fcntl(first.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fds must be close-on-exec");
+    }
+
+    #[test]
+    fn recv_reports_end_of_stream() {
+        let (a, b) = sys::stream_pair().unwrap();
+        drop(a);
+        let mut buf = [0u8; 16];
+        assert_eq!(recv(b.as_raw_fd(), &mut buf, &mut Vec::new()).unwrap(), 0);
+    }
+}

@@ -1,0 +1,122 @@
+//! The worker's end of the data channel.
+//!
+//! A thread blocks in `recvmsg` and delivers batches of connections as plain
+//! numbers (`[listener, seq, fd, ...]`), one callback per batch rather than one
+//! per connection. The descriptors stay owned here until JavaScript settles
+//! them: an accepted fd is handed over to the handle that wrapped it, a
+//! declined one is closed, and the primary hears about both in one write.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+use std::sync::Mutex;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+use crate::sys::{self, SysError, SysResult};
+use crate::wire::{self, Decoder, Incoming, Record, RECORD_LEN};
+
+pub struct WorkerChannel {
+    fd: OwnedFd,
+    unsettled: Mutex<HashMap<u32, OwnedFd>>,
+}
+
+impl WorkerChannel {
+    /// Takes the channel end the primary passed at spawn. It is made
+    /// close-on-exec at once, so the worker's own children do not inherit it.
+    pub fn new(fd: OwnedFd) -> SysResult<WorkerChannel> {
+        sys::set_cloexec(fd.as_fd())?;
+        sys::set_nonblocking(fd.as_fd(), false)?;
+        Ok(WorkerChannel { fd, unsettled: Mutex::new(HashMap::new()) })
+    }
+
+    /// Receives until the primary closes the channel. `deliver` gets each
+    /// batch as `[listener, seq, fd]` triples; it returns false to stop.
+    pub fn receive(&self, mut deliver: impl FnMut(Vec<u32>) -> bool) -> SysResult<()> {
+        let mut decoder = Decoder::default();
+        let mut buf = [0u8; RECORD_LEN * 64];
+        loop {
+            let mut fds = Vec::new();
+            let n = match wire::recv(self.fd.as_raw_fd(), &mut buf, &mut fds) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.errno == Errno::EINTR => continue,
+                Err(e) => return Err(e),
+            };
+            decoder.push(&buf[..n], fds);
+            let mut incoming = Vec::new();
+            decoder.drain(&mut incoming);
+            let mut batch = Vec::with_capacity(incoming.len() * 3);
+            {
+                let mut unsettled = self.unsettled.lock().unwrap();
+                for Incoming { record, fd } in incoming {
+                    if let (Record::Conn { listener, seq }, Some(fd)) = (record, fd) {
+                        batch.extend_from_slice(&[listener, seq, fd.as_raw_fd() as u32]);
+                        unsettled.insert(seq, fd);
+                    }
+                }
+            }
+            if !batch.is_empty() && !deliver(batch) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Settles delivered connections: `accepted` fds now belong to the caller's
+    /// handles, `declined` ones are closed and go back to the primary.
+    pub fn settle(&self, accepted: &[u32], declined: &[u32]) -> SysResult<()> {
+        let mut bytes = Vec::with_capacity((accepted.len() + declined.len()) * RECORD_LEN);
+        {
+            let mut unsettled = self.unsettled.lock().unwrap();
+            for &seq in accepted {
+                if let Some(fd) = unsettled.remove(&seq) {
+                    // Ownership moves to the JS handle that opened this number.
+                    let _ = fd.into_raw_fd();
+                    Record::Ack { seq, accepted: true }.encode(&mut bytes);
+                }
+            }
+            for &seq in declined {
+                if unsettled.remove(&seq).is_some() {
+                    Record::Ack { seq, accepted: false }.encode(&mut bytes);
+                }
+            }
+        }
+        self.write_all(&bytes)
+    }
+
+    pub fn ready(&self, listener: u32) -> SysResult<()> {
+        self.write_record(Record::Ready { listener })
+    }
+
+    pub fn gone(&self, listener: u32) -> SysResult<()> {
+        self.write_record(Record::Gone { listener })
+    }
+
+    fn write_record(&self, record: Record) -> SysResult<()> {
+        let mut bytes = Vec::with_capacity(RECORD_LEN);
+        record.encode(&mut bytes);
+        self.write_all(&bytes)
+    }
+
+    /// Writes from the JS thread without blocking it for long: the primary
+    /// reads continuously and at most a window of acks is ever outstanding,
+    /// so the socket buffer does not fill; if it ever does, wait up to a second.
+    fn write_all(&self, mut bytes: &[u8]) -> SysResult<()> {
+        while !bytes.is_empty() {
+            match wire::send(self.fd.as_raw_fd(), bytes, &[]) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.errno == Errno::EINTR => continue,
+                Err(e) if sys::would_block(e.errno) => {
+                    let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLOUT)];
+                    let ready = nix::poll::poll(&mut fds, PollTimeout::from(1000u16))
+                        .map_err(|errno| SysError { syscall: "poll", errno })?;
+                    if ready == 0 {
+                        return Err(SysError { syscall: "sendmsg", errno: Errno::ETIMEDOUT });
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
