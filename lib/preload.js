@@ -12,8 +12,14 @@ const id = process.env[env.WORKER_ID];
 
 if (id !== undefined && globalThis[WORKER] === undefined) {
   const channelFd = Number.parseInt(process.env[env.CHANNEL_FD], 10);
+  const primaryPid = Number.parseInt(process.env[env.PRIMARY_PID], 10) || 0;
   delete process.env[env.WORKER_ID];
   delete process.env[env.CHANNEL_FD];
+  delete process.env[env.PRIMARY_PID];
+
+  // Never outlive the primary, even one killed by SIGKILL (Linux: the kernel
+  // sends SIGTERM; elsewhere the IPC channel's 'disconnect' ends us).
+  if (require('./native.js').workerGuard(primaryPid)) process.exit(0);
 
   // Hide our --require from the app and from children it forks.
   const at = process.execArgv.findIndex((arg, i) => arg === '--require' && process.execArgv[i + 1] === __filename);

@@ -43,9 +43,13 @@ class RoundRobinHandle {
   remove(worker) {
     if (!this.workers.delete(worker.id)) return false;
     if (this.workers.size !== 0) return false;
+    this.close();
+    return true;
+  }
+
+  close() {
     if (this.listener >= 0) native.closeListener(this.listener);
     this.listener = -1;
-    return true;
   }
 }
 

@@ -12,6 +12,7 @@ const native = require('./native.js');
 const Worker = require('./worker.js');
 const { sendControl, controlListener } = require('./protocol.js');
 const { RoundRobinHandle, SharedHandle } = require('./primary-handles.js');
+const { createSupervisor, validateSettings } = require('./supervisor.js');
 const { badPort, validatePort, systemError } = require('./errors.js');
 const env = require('./env.js');
 
@@ -23,6 +24,9 @@ const PRELOAD = path.join(__dirname, 'preload.js');
 
 const handles = new Map();
 const kChannel = Symbol('cluster-rs.channel');
+const kEnv = Symbol('cluster-rs.env');
+const kSlot = Symbol('cluster-rs.slot');
+const kStarted = Symbol('cluster-rs.started');
 let ids = 0;
 let initialized = false;
 
@@ -57,7 +61,9 @@ cluster.setupPrimary = function setupPrimary(options) {
     settings.execArgv = [...settings.execArgv, '--logfile=v8-%p.log'];
   }
 
+  validateSettings(settings);
   cluster.settings = settings;
+  supervisor.configure(settings);
 
   if (initialized === true) return process.nextTick(emitSetup, settings);
 
@@ -143,6 +149,7 @@ function createWorkerProcess(id, workerEnv, channel) {
       ...workerEnv,
       [env.WORKER_ID]: `${id}`,
       [env.CHANNEL_FD]: `${childFd}`,
+      [env.PRIMARY_PID]: `${process.pid}`,
     },
     serialization: settings.serialization,
     silent: settings.silent,
@@ -167,6 +174,12 @@ function removeHandlesForWorker(worker) {
 
 cluster.fork = function fork(env) {
   cluster.setupPrimary();
+  return forkWorker(env, ids + 1);
+};
+
+// A new worker in `slot` (the id of the first worker that filled it; a
+// restarted or reloaded worker keeps its predecessor's slot and env).
+function forkWorker(env, slot) {
   const id = ++ids;
   const channel = openChannel();
   let workerProcess;
@@ -181,6 +194,9 @@ cluster.fork = function fork(env) {
   }
   const worker = new Worker({ id, process: workerProcess });
   worker[kChannel] = channel ? channel.id : -1;
+  worker[kEnv] = env;
+  worker[kSlot] = slot;
+  worker[kStarted] = Date.now();
 
   worker.on('message', function onMessage(message, handle) {
     cluster.emit('message', this, message, handle);
@@ -197,6 +213,7 @@ cluster.fork = function fork(env) {
     worker.state = 'dead';
     worker.emit('exit', exitCode, signalCode);
     cluster.emit('exit', worker, exitCode, signalCode);
+    supervisor.onExit(worker, exitCode, signalCode);
   });
 
   worker.process.once('disconnect', () => {
@@ -214,7 +231,7 @@ cluster.fork = function fork(env) {
   process.nextTick(emitFork, worker);
   cluster.workers[worker.id] = worker;
   return worker;
-};
+}
 
 function emitFork(worker) {
   cluster.emit('fork', worker);
@@ -314,6 +331,25 @@ Worker.prototype.disconnect = function disconnect() {
 Worker.prototype.destroy = function destroy(signo) {
   this.process.kill(signo || 'SIGTERM');
 };
+
+// The server keys a worker is attached to.
+function keysOf(worker) {
+  const keys = [];
+  for (const [key, handle] of handles) if (handle.workers.has(worker.id)) keys.push(key);
+  return keys;
+}
+
+// Stops the primary accepting: round-robin listeners close now; workers
+// finish what they hold. (Shared sockets close as their workers leave.)
+function stopAccepting() {
+  for (const handle of handles.values()) {
+    if (handle instanceof RoundRobinHandle) handle.close();
+  }
+}
+
+const supervisor = createSupervisor({ cluster, forkWorker, keysOf, stopAccepting, kEnv, kSlot, kStarted });
+cluster.shutdown = function shutdown(options) { return supervisor.shutdown(options); };
+cluster.reload = function reload() { return supervisor.reload(); };
 
 // Per-worker dispatch counters of the native core (for tests and benchmarks).
 cluster._dispatchStats = function dispatchStats() {

@@ -13,6 +13,7 @@ use once_cell::sync::OnceCell;
 
 use crate::dispatch::{Command, Dispatcher, DEFAULT_WINDOW};
 use crate::sockets::{self, InetSpec, Listening};
+use crate::supervise::{Decision, Policy, Slots, Timers};
 use crate::sys::{self, SysError, SysResult};
 use crate::worker_channel::WorkerChannel;
 
@@ -246,4 +247,81 @@ pub fn probe_socket(kind: String) -> i32 {
         Ok(fd) => fd.into_raw_fd(),
         Err(e) => -(e.errno as i32),
     }
+}
+
+static TIMERS: OnceCell<Timers> = OnceCell::new();
+static SLOTS: Mutex<Option<Slots>> = Mutex::new(None);
+
+/// Starts the restart timer thread; `onDue(slot)` runs when a restart is due.
+#[napi]
+pub fn supervisor_start(on_due: Function<u32, ()>) -> Result<()> {
+    if TIMERS.get().is_some() {
+        return Ok(());
+    }
+    // Weak: JS keeps the primary alive while a restart is pending.
+    let tsfn = on_due.build_threadsafe_function::<u32>().weak::<true>().build()?;
+    let timers = Timers::start(move |slot| {
+        tsfn.call(slot, ThreadsafeFunctionCallMode::NonBlocking);
+    })
+    .map_err(|e| Error::from_reason(format!("cluster-rs: cannot start the timer thread: {e}")))?;
+    let _ = TIMERS.set(timers);
+    Ok(())
+}
+
+#[napi(object)]
+pub struct RestartDecision {
+    pub give_up: bool,
+    pub delay_ms: f64,
+    pub quick_failures: u32,
+}
+
+/// Records that the worker in `slot` exited after `uptimeMs` and, unless the
+/// slot is given up, schedules its restart. Durations are in milliseconds.
+#[napi]
+pub fn supervisor_exit(
+    slot: u32,
+    uptime_ms: f64,
+    delay_ms: f64,
+    max_delay_ms: f64,
+    min_uptime_ms: f64,
+    max_restarts: f64,
+) -> RestartDecision {
+    let ms = |v: f64| std::time::Duration::from_millis(v.max(0.0).min(u64::MAX as f64) as u64);
+    let policy = Policy {
+        delay: ms(delay_ms),
+        max_delay: ms(max_delay_ms),
+        min_uptime: ms(min_uptime_ms),
+        max_restarts: max_restarts.max(0.0).min(u32::MAX as f64) as u32,
+    };
+    let decision = SLOTS.lock().unwrap().get_or_insert_with(Slots::default).on_exit(slot, &policy, ms(uptime_ms));
+    match decision {
+        Decision::GiveUp { quick_failures } => RestartDecision { give_up: true, delay_ms: 0.0, quick_failures },
+        Decision::RestartAfter { delay, quick_failures } => {
+            if let Some(t) = TIMERS.get() {
+                t.schedule(slot, delay);
+            }
+            RestartDecision { give_up: false, delay_ms: delay.as_millis() as f64, quick_failures }
+        }
+    }
+}
+
+/// Cancels a pending restart of `slot` and forgets its backoff.
+#[napi]
+pub fn supervisor_cancel(slot: u32) -> bool {
+    if let Some(s) = SLOTS.lock().unwrap().as_mut() {
+        s.forget(slot);
+    }
+    TIMERS.get().is_some_and(|t| t.cancel(slot))
+}
+
+/// Ties a worker's life to its primary's: on Linux the kernel sends SIGTERM
+/// when the primary dies, even by SIGKILL. Returns true when the primary is
+/// already gone (the worker should exit now).
+#[napi]
+pub fn worker_guard(primary_pid: i32) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+    }
+    primary_pid > 0 && nix::unistd::getppid().as_raw() != primary_pid
 }

@@ -401,7 +401,12 @@ impl Loop {
             Record::Ack { seq, accepted: false } => {
                 if let Some(mut conn) = c.held.remove(&seq) {
                     c.stats.declined += 1;
-                    conn.declines += 1;
+                    // A worker that is leaving declines everything it still
+                    // held; that says nothing about the other workers' room.
+                    let member = self.listeners.get(&conn.listener).is_some_and(|l| l.members.contains(&id));
+                    if member {
+                        conn.declines += 1;
+                    }
                     self.requeue(conn);
                 }
             }

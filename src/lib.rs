@@ -5,10 +5,12 @@
 //! - `wire`: the record protocol of a primary↔worker data channel.
 //! - `dispatch`: the primary's accept-and-hand-off thread.
 //! - `worker_channel`: the worker's receiving end.
+//! - `supervise`: restart backoff and its timers.
 //! - `binding` (feature `node`): the napi functions `lib/native.js` calls.
 
 pub mod dispatch;
 pub mod sockets;
+pub mod supervise;
 pub mod sys;
 pub mod wire;
 pub mod worker_channel;

@@ -1,0 +1,252 @@
+'use strict';
+// Supervision, all opt-in through setupPrimary(): restarting workers that
+// die (the backoff decision and its timers live in the native core),
+// graceful shutdown(), zero-downtime rolling reload(), and signal hooks.
+// Without these settings a cluster behaves exactly like node:cluster.
+
+const os = require('node:os');
+const native = require('./native.js');
+const {
+  invalidArgType, validateObject, validateNumber,
+} = require('./errors.js');
+
+const DEFAULT_RESTART = { delay: 100, maxDelay: 15000, minUptime: 1000, maxRestarts: 16 };
+const DEFAULT_SHUTDOWN_TIMEOUT = 5000;
+const DEFAULT_READY_TIMEOUT = 30000;
+
+function unknownSignal(signal) {
+  const err = new TypeError(`Unknown signal: ${signal}`);
+  err.code = 'ERR_UNKNOWN_SIGNAL';
+  return err;
+}
+
+function validateSignals(value, name) {
+  const list = typeof value === 'string' ? [value] : value;
+  if (!Array.isArray(list)) throw invalidArgType(name, ['string', 'Array'], value);
+  for (const signal of list) {
+    if (typeof signal !== 'string') throw invalidArgType(name, 'string', signal);
+    if (!Object.hasOwn(os.constants.signals, signal)) throw unknownSignal(signal);
+  }
+  return list;
+}
+
+// Checks the cluster-rs settings; returns the restart policy (or null).
+function validateSettings(settings) {
+  let restart = null;
+  if (settings.restart !== undefined && settings.restart !== false) {
+    if (settings.restart === true) {
+      restart = { ...DEFAULT_RESTART };
+    } else {
+      validateObject(settings.restart, 'options.restart');
+      restart = { ...DEFAULT_RESTART };
+      for (const key of Object.keys(DEFAULT_RESTART)) {
+        const value = settings.restart[key];
+        if (value === undefined) continue;
+        validateNumber(value, `options.restart.${key}`, 0, key === 'maxRestarts' ? Infinity : Number.MAX_SAFE_INTEGER);
+        restart[key] = value;
+      }
+    }
+  }
+  for (const key of ['shutdownTimeout', 'readyTimeout']) {
+    if (settings[key] !== undefined) validateNumber(settings[key], `options.${key}`, 0);
+  }
+  if (settings.waitReady !== undefined && typeof settings.waitReady !== 'boolean') {
+    throw invalidArgType('options.waitReady', 'boolean', settings.waitReady);
+  }
+  if (settings.shutdownOn !== undefined) validateSignals(settings.shutdownOn, 'options.shutdownOn');
+  if (settings.reloadOn !== undefined) validateSignals(settings.reloadOn, 'options.reloadOn');
+  return restart;
+}
+
+// `primary` gives: cluster, forkWorker(env, slot), keysOf(worker),
+// stopAccepting(), and the worker symbols kEnv, kSlot, kStarted.
+function createSupervisor(primary) {
+  const { cluster } = primary;
+  const pending = new Map(); // slot -> { env, code, signal }
+  const hooked = new Set();
+  let policy = null;
+  let keepAlive = null;
+  let shutdownPromise = null;
+  let reloadPromise = null;
+  let started = false;
+
+  function start() {
+    if (started) return;
+    started = true;
+    native.supervisorStart(onDue);
+  }
+
+  function holdAlive() {
+    if (pending.size > 0 && keepAlive === null) keepAlive = setInterval(() => {}, 2 ** 31 - 1);
+    if (pending.size === 0 && keepAlive !== null) {
+      clearInterval(keepAlive);
+      keepAlive = null;
+    }
+  }
+
+  function configure(settings) {
+    policy = validateSettings(settings);
+    if (policy) start();
+    for (const signal of settings.shutdownOn ? validateSignals(settings.shutdownOn, 'options.shutdownOn') : []) {
+      hook(signal, () => shutdown().then(() => process.exit(0), () => process.exit(1)));
+    }
+    for (const signal of settings.reloadOn ? validateSignals(settings.reloadOn, 'options.reloadOn') : []) {
+      hook(signal, () => reload().catch((err) => process.emitWarning(`cluster-rs: reload failed: ${err.message}`,
+                                                                      'ClusterRsWarning')));
+    }
+  }
+
+  function hook(signal, fn) {
+    if (hooked.has(signal)) return;
+    hooked.add(signal);
+    process.on(signal, fn);
+  }
+
+  // Called after a worker's 'exit' events.
+  function onExit(worker, code, signal) {
+    if (!policy || worker.exitedAfterDisconnect || shutdownPromise) return;
+    const slot = worker[primary.kSlot];
+    const uptime = Date.now() - worker[primary.kStarted];
+    const decision = native.supervisorExit(slot, uptime, policy.delay, policy.maxDelay, policy.minUptime,
+                                           policy.maxRestarts);
+    if (decision.giveUp) {
+      const info = { id: worker.id, restarts: decision.quickFailures - 1, code, signal };
+      if (cluster.listenerCount('giveup') > 0) {
+        cluster.emit('giveup', info);
+      } else {
+        process.emitWarning(`cluster-rs: worker ${worker.id} failed ${decision.quickFailures} times in a row ` +
+                            'within minUptime; its slot is not restarted any more', 'ClusterRsWarning');
+      }
+      return;
+    }
+    pending.set(slot, { env: worker[primary.kEnv] });
+    holdAlive();
+  }
+
+  function onDue(slot) {
+    const entry = pending.get(slot);
+    if (entry === undefined) return;
+    pending.delete(slot);
+    holdAlive();
+    if (!shutdownPromise) primary.forkWorker(entry.env, slot);
+  }
+
+  function cancelRestarts() {
+    for (const slot of pending.keys()) native.supervisorCancel(slot);
+    pending.clear();
+    holdAlive();
+  }
+
+  function exited(worker) {
+    return new Promise((resolve) => {
+      if (worker.isDead()) resolve();
+      else worker.process.once('exit', () => resolve());
+    });
+  }
+
+  // Disconnects `workers` gracefully; SIGKILLs what is left after `timeout`.
+  async function retire(workers, timeout) {
+    const gone = Promise.all(workers.map(exited));
+    for (const worker of workers) {
+      if (worker.isConnected()) worker.disconnect();
+    }
+    const killer = setTimeout(() => {
+      for (const worker of workers) if (!worker.isDead()) worker.process.kill('SIGKILL');
+    }, timeout);
+    try {
+      await gone;
+    } finally {
+      clearTimeout(killer);
+    }
+  }
+
+  function shutdownTimeout(options) {
+    if (options !== undefined) validateObject(options, 'options');
+    const timeout = options && options.timeout !== undefined ? options.timeout :
+      cluster.settings.shutdownTimeout ?? DEFAULT_SHUTDOWN_TIMEOUT;
+    validateNumber(timeout, 'options.timeout', 0);
+    return timeout;
+  }
+
+  function shutdown(options) {
+    const timeout = shutdownTimeout(options);
+    if (shutdownPromise) return shutdownPromise;
+    cancelRestarts();
+    primary.stopAccepting();
+    const workers = Object.values(cluster.workers).filter((w) => !w.isDead());
+    shutdownPromise = retire(workers, timeout).finally(() => { shutdownPromise = null; });
+    return shutdownPromise;
+  }
+
+  // Resolves when `fresh` serves everything `old` served (or, with
+  // waitReady, has sent 'ready'); rejects if it dies or takes too long.
+  function whenReady(fresh, old) {
+    const keys = primary.keysOf(old);
+    const waitReady = cluster.settings.waitReady === true;
+    const timeout = cluster.settings.readyTimeout ?? DEFAULT_READY_TIMEOUT;
+    return new Promise((resolve, reject) => {
+      const cleanup = () => {
+        clearTimeout(timer);
+        fresh.removeListener('listening', check);
+        fresh.removeListener('online', check);
+        fresh.removeListener('message', onMessage);
+        fresh.removeListener('exit', onExit);
+      };
+      const check = () => {
+        const current = new Set(primary.keysOf(fresh));
+        if (!waitReady && keys.every((k) => current.has(k)) && fresh.state !== 'none') {
+          cleanup();
+          resolve();
+        }
+      };
+      const onMessage = (message) => {
+        if (waitReady && message === 'ready') {
+          cleanup();
+          resolve();
+        }
+      };
+      const onExit = (code, signal) => {
+        cleanup();
+        reject(Object.assign(new Error(`cluster-rs: replacement worker ${fresh.id} exited ` +
+                                       `(${signal || `code ${code}`}) before it was ready`),
+                             { code: 'ERR_CLUSTER_RS_RELOAD_FAILED', workerId: fresh.id, exitCode: code, signal }));
+      };
+      const timer = setTimeout(() => {
+        cleanup();
+        fresh.process.kill('SIGKILL');
+        reject(Object.assign(new Error(`cluster-rs: replacement worker ${fresh.id} was not ready ` +
+                                       `within ${timeout} ms`), { code: 'ERR_CLUSTER_RS_RELOAD_TIMEOUT' }));
+      }, timeout);
+      fresh.on('listening', check);
+      fresh.on('online', check);
+      fresh.on('message', onMessage);
+      fresh.once('exit', onExit);
+    });
+  }
+
+  async function replace(old) {
+    const fresh = primary.forkWorker(old[primary.kEnv], old[primary.kSlot]);
+    try {
+      await whenReady(fresh, old);
+    } catch (err) {
+      if (!fresh.isDead()) await retire([fresh], shutdownTimeout());
+      throw err;
+    }
+    await retire([old], shutdownTimeout());
+  }
+
+  function reload() {
+    if (reloadPromise) return reloadPromise;
+    reloadPromise = (async () => {
+      for (const old of Object.values(cluster.workers)) {
+        if (old.isDead() || !old.isConnected() || old.exitedAfterDisconnect) continue;
+        await replace(old);
+      }
+    })().finally(() => { reloadPromise = null; });
+    return reloadPromise;
+  }
+
+  return { configure, onExit, shutdown, reload };
+}
+
+module.exports = { createSupervisor, validateSettings };
