@@ -38,6 +38,7 @@ pub struct ChannelStats {
     pub accepted: f64,
     pub declined: f64,
     pub held: u32,
+    pub attached: u32,
 }
 
 fn failed(e: SysError) -> SocketResult {
@@ -182,6 +183,7 @@ pub fn dispatch_stats() -> Vec<ChannelStats> {
         accepted: s.accepted as f64,
         declined: s.declined as f64,
         held: s.held,
+        attached: s.attached,
     }).collect()
 }
 

@@ -50,6 +50,8 @@ pub struct ChannelStats {
     pub accepted: u64,
     pub declined: u64,
     pub held: u32,
+    /// Listeners this worker is attached to.
+    pub attached: u32,
 }
 
 pub struct Dispatcher {
@@ -122,7 +124,8 @@ impl Drop for Dispatcher {
 struct Conn {
     fd: OwnedFd,
     listener: u32,
-    declines: usize,
+    /// Workers that declined this connection; it is not offered to them again.
+    declined_by: Vec<u32>,
 }
 
 struct Listener {
@@ -305,7 +308,11 @@ impl Loop {
                 let mut all: Vec<ChannelStats> = self
                     .channels
                     .values()
-                    .map(|c| ChannelStats { held: c.held.len() as u32, ..c.stats })
+                    .map(|c| ChannelStats {
+                        held: c.held.len() as u32,
+                        attached: self.listeners.values().filter(|l| l.members.contains(&c.stats.id)).count() as u32,
+                        ..c.stats
+                    })
                     .collect();
                 all.sort_by_key(|s| s.id);
                 let _ = reply.send(all);
@@ -319,7 +326,7 @@ impl Loop {
         let l = self.listeners.get_mut(&id).unwrap();
         for _ in 0..budget {
             match sys::accept(l.socket.fd.as_fd()) {
-                Ok(fd) => l.pending.push_back(Conn { fd, listener: id, declines: 0 }),
+                Ok(fd) => l.pending.push_back(Conn { fd, listener: id, declined_by: Vec::new() }),
                 Err(e) if sys::would_block(e.errno) => break,
                 Err(e) if matches!(e.errno, Errno::ECONNABORTED | Errno::EINTR | Errno::EPROTO) => continue,
                 Err(e) if matches!(e.errno, Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM) => {
@@ -331,17 +338,22 @@ impl Loop {
         }
     }
 
-    /// Assigns waiting connections to workers with room, round-robin.
+    /// Assigns waiting connections to workers with room, round-robin. A
+    /// connection every attached worker has declined is closed.
     fn dispatch(&mut self) {
         let ids: Vec<u32> = self.listeners.iter().filter(|(_, l)| !l.pending.is_empty()).map(|(&id, _)| id).collect();
         for id in ids {
             loop {
                 let l = self.listeners.get(&id).unwrap();
-                if l.pending.is_empty() {
-                    break;
-                }
+                let Some(head) = l.pending.front() else { break };
                 let n = l.members.len();
-                let pick = (0..n).map(|k| (l.cursor + k) % n).find(|&i| self.has_room(l.members[i]));
+                if n > 0 && l.members.iter().all(|m| head.declined_by.contains(m)) {
+                    self.listeners.get_mut(&id).unwrap().pending.pop_front();
+                    continue;
+                }
+                let pick = (0..n)
+                    .map(|k| (l.cursor + k) % n)
+                    .find(|&i| !head.declined_by.contains(&l.members[i]) && self.has_room(l.members[i]));
                 let Some(index) = pick else { break };
                 let l = self.listeners.get_mut(&id).unwrap();
                 let channel_id = l.members[index];
@@ -402,10 +414,11 @@ impl Loop {
                 if let Some(mut conn) = c.held.remove(&seq) {
                     c.stats.declined += 1;
                     // A worker that is leaving declines everything it still
-                    // held; that says nothing about the other workers' room.
+                    // held; that says nothing about its room, so only a
+                    // member's decline is remembered.
                     let member = self.listeners.get(&conn.listener).is_some_and(|l| l.members.contains(&id));
                     if member {
-                        conn.declines += 1;
+                        conn.declined_by.push(id);
                     }
                     self.requeue(conn);
                 }
@@ -429,14 +442,12 @@ impl Loop {
         }
     }
 
-    /// Puts a connection back at the head of its queue, or closes it when its
-    /// listener is gone or every attached worker has declined it.
+    /// Puts a connection back at the head of its queue (dropping, i.e.
+    /// closing, it when its listener is gone).
     fn requeue(&mut self, conn: Conn) {
-        let Some(l) = self.listeners.get_mut(&conn.listener) else { return };
-        if conn.declines > 0 && conn.declines >= l.members.len().max(1) {
-            return;
+        if let Some(l) = self.listeners.get_mut(&conn.listener) {
+            l.pending.push_front(conn);
         }
-        l.pending.push_front(conn);
     }
 
     fn remove_channel(&mut self, id: u32) {
@@ -499,5 +510,188 @@ fn flush_channel(c: &mut Channel) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sockets::{self, InetSpec};
+    use crate::worker_channel::WorkerChannel;
+    use std::cell::RefCell;
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, TcpStream};
+    use std::os::fd::FromRawFd;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    struct Worker {
+        channel: Arc<WorkerChannel>,
+        batches: mpsc::Receiver<Vec<u32>>,
+        queue: RefCell<VecDeque<(u32, i32)>>,
+        end: i32,
+    }
+
+    impl Worker {
+        fn try_next(&self, wait: Duration) -> Option<(u32, i32)> {
+            if self.queue.borrow().is_empty() {
+                let batch = self.batches.recv_timeout(wait).ok()?;
+                let mut q = self.queue.borrow_mut();
+                for c in batch.chunks_exact(3) {
+                    q.push_back((c[1], c[2] as i32));
+                }
+            }
+            self.queue.borrow_mut().pop_front()
+        }
+
+        fn next(&self) -> (u32, i32) {
+            self.try_next(Duration::from_secs(5)).expect("no connection arrived")
+        }
+
+        fn accept(&self) -> TcpStream {
+            let (seq, fd) = self.next();
+            self.channel.settle(&[seq], &[]).unwrap();
+            // SAFETY: settle() handed ownership of this fd to us.
+            unsafe { TcpStream::from_raw_fd(fd) }
+        }
+
+        fn decline(&self) {
+            let (seq, _) = self.next();
+            self.channel.settle(&[], &[seq]).unwrap();
+        }
+    }
+
+    fn setup(window: usize) -> (Dispatcher, u32, u16) {
+        let d = Dispatcher::start(window).unwrap();
+        let spec = InetSpec { host: Some(Ipv4Addr::LOCALHOST.into()), port: 0, ipv6_only: false, reuse_addr: false };
+        let listening = sockets::listen_tcp(&spec, 64).unwrap();
+        let port = sockets::sockname(&listening.fd).unwrap().unwrap().port;
+        let id = d.next_id();
+        d.send(Command::AddListener { id, listening });
+        (d, id, port)
+    }
+
+    /// Attaches a worker and waits until the dispatcher has read its Ready.
+    fn worker(d: &Dispatcher, listener: u32) -> Worker {
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        let end = worker_end.as_raw_fd();
+        let id = d.next_id();
+        d.send(Command::AddChannel { id, fd: primary_end });
+        let channel = Arc::new(WorkerChannel::new(worker_end).unwrap());
+        let (tx, batches) = mpsc::channel();
+        let receiving = channel.clone();
+        std::thread::spawn(move || receiving.receive(|b| tx.send(b).is_ok()));
+        channel.ready(listener).unwrap();
+        wait_for(|| d.stats().iter().any(|s| s.id == id && s.attached == 1));
+        Worker { channel, batches, queue: RefCell::default(), end }
+    }
+
+    fn wait_for(mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "condition not reached in time");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn connect(port: u16) -> TcpStream {
+        let s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    fn assert_connected(client: &mut TcpStream, server: &mut TcpStream) {
+        client.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+
+    #[test]
+    fn connections_alternate_between_workers() {
+        let (d, l, port) = setup(4);
+        let workers = [worker(&d, l), worker(&d, l)];
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let mut client = connect(port);
+            let (i, (seq, fd)) = offered(&[&workers[0], &workers[1]]);
+            workers[i].channel.settle(&[seq], &[]).unwrap();
+            // SAFETY: settled as accepted, so the fd is ours.
+            let mut server = unsafe { TcpStream::from_raw_fd(fd) };
+            assert_connected(&mut client, &mut server);
+            order.push(i);
+        }
+        assert!(order.windows(2).all(|w| w[0] != w[1]), "not round-robin: {order:?}");
+        wait_for(|| d.stats().iter().map(|s| s.accepted).sum::<u64>() == 6);
+    }
+
+    #[test]
+    fn a_declined_connection_goes_to_another_worker_never_back() {
+        let (d, l, port) = setup(4);
+        let (a, b) = (worker(&d, l), worker(&d, l));
+        // First connection to a, second to b: the cursor now points at a again.
+        let mut first = connect(port);
+        let (seq1, _) = a.next();
+        let mut second = connect(port);
+        let mut s2 = b.accept();
+        assert_connected(&mut second, &mut s2);
+        // a declines the first; it must go to b, not back to a.
+        a.channel.settle(&[], &[seq1]).unwrap();
+        let mut s1 = b.accept();
+        assert_connected(&mut first, &mut s1);
+        assert!(a.try_next(Duration::from_millis(100)).is_none(), "offered to the decliner again");
+    }
+
+    /// Waits until one of `workers` is offered a connection; returns which, and it.
+    fn offered(workers: &[&Worker]) -> (usize, (u32, i32)) {
+        (0..1000)
+            .find_map(|_| workers.iter().enumerate().find_map(|(i, w)| w.try_next(Duration::from_millis(5)).map(|c| (i, c))))
+            .expect("connection not dispatched")
+    }
+
+    #[test]
+    fn a_connection_every_worker_declined_is_closed() {
+        let (d, l, port) = setup(4);
+        let (a, b) = (worker(&d, l), worker(&d, l));
+        let mut client = connect(port);
+        let (i, (seq, _)) = offered(&[&a, &b]);
+        let (first, other) = if i == 0 { (&a, &b) } else { (&b, &a) };
+        first.channel.settle(&[], &[seq]).unwrap();
+        other.decline();
+        let mut buf = [0u8; 1];
+        assert_eq!(client.read(&mut buf).unwrap(), 0, "expected the connection to be closed");
+        wait_for(|| d.stats().iter().map(|s| s.declined).sum::<u64>() == 2);
+    }
+
+    #[test]
+    fn connections_held_by_a_dead_worker_go_to_another() {
+        let (d, l, port) = setup(2);
+        let stuck = worker(&d, l);
+        let mut clients: Vec<TcpStream> = (0..2).map(|_| connect(port)).collect();
+        // The stuck worker received both (its window) and never settles; it dies.
+        stuck.next();
+        stuck.next();
+        nix::sys::socket::shutdown(stuck.end, nix::sys::socket::Shutdown::Both).unwrap();
+        let live = worker(&d, l);
+        for client in clients.iter_mut() {
+            let mut server = live.accept();
+            server.write_all(b"x").unwrap();
+            let mut buf = [0u8; 1];
+            client.read_exact(&mut buf).unwrap();
+        }
+    }
+
+    #[test]
+    fn closing_a_listener_closes_what_waits_on_it() {
+        let (d, l, port) = setup(1);
+        let a = worker(&d, l);
+        let _held = connect(port);
+        a.next(); // fills the window of one
+        let mut waiting = connect(port);
+        d.send(Command::CloseListener { id: l });
+        let mut buf = [0u8; 1];
+        // Either reset or end of stream: the client is not left hanging.
+        assert!(matches!(waiting.read(&mut buf), Ok(0) | Err(_)));
+        wait_for(|| TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err());
     }
 }
