@@ -38,13 +38,13 @@ declare namespace cluster {
 
     /** Automatic restart policy for workers that exit unexpectedly. */
     interface RestartOptions {
-        /** Delay in ms before the first restart attempt. */
+        /** Delay in ms before a restart; doubles after each quick failure. Default 100. */
         delay?: number | undefined;
-        /** Upper bound in ms for the (growing) delay between restart attempts. */
+        /** Upper bound in ms for the growing delay. Default 15000. */
         maxDelay?: number | undefined;
-        /** A worker alive for at least this many ms counts as having started successfully. */
+        /** A worker that lived at least this many ms resets the backoff. Default 1000. */
         minUptime?: number | undefined;
-        /** Number of failed restarts after which cluster-rs gives up (see the 'giveup' event). */
+        /** Quick failures in a row after which the slot is given up (see 'giveup'). Default 16. */
         maxRestarts?: number | undefined;
     }
 
@@ -56,9 +56,11 @@ declare namespace cluster {
         shutdownOn?: NodeJS.Signals[] | undefined;
         /** Signal(s) that trigger a rolling reload of all workers. */
         reloadOn?: NodeJS.Signals | NodeJS.Signals[] | undefined;
-        /** Treat a worker as up only once it reports ready, not merely when it comes online. */
+        /** During reload(), a replacement is ready when it sends `process.send('ready')`, not when it listens. */
         waitReady?: boolean | undefined;
-        /** Time in ms granted to workers to exit during shutdown before they are killed. */
+        /** Time in ms a reload() replacement has to become ready. Default 30000. */
+        readyTimeout?: number | undefined;
+        /** Time in ms granted to workers to exit during shutdown (and reload) before SIGKILL. Default 5000. */
         shutdownTimeout?: number | undefined;
     }
 

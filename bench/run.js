@@ -1,0 +1,801 @@
+#!/usr/bin/env node
+'use strict';
+// cluster-rs benchmark harness: node:cluster vs cluster-rs vs a single process.
+//
+// Usage (from the repo root; also `npm run bench -- <flags>`):
+//
+//   node bench/run.js                      full run: 3 rounds x 5 s, scenarios
+//                                          close, keepalive, cpu, workers 2 and
+//                                          os.availableParallelism()
+//   node bench/run.js --quick              ~1 min: 1 round x 2 s, close +
+//                                          keepalive, 2 workers
+//   node bench/run.js --impl node-rr,single --rounds 5 --duration 10
+//
+// Flags (each overrides the --quick / full default):
+//   --impl a,b,...      node-rr, node-none, rs-rr, rs-none, single (default all;
+//                       rs-* are skipped with a message if cluster-rs cannot be
+//                       loaded, i.e. the addon is not built yet)
+//   --rounds N          interleaved rounds; every impl runs once per round and
+//                       the order rotates between rounds; medians are reported
+//   --duration S        wrk duration per measurement, whole seconds
+//   --warmup S          wrk warm-up before each measurement (0 = none)
+//   --scenarios a,b     close (Connection: close, one TCP connection per
+//                       request), keepalive, cpu (~1 ms CPU per request,
+//                       keep-alive)
+//   --workers 2,4       worker counts ("auto" = 2 and os.availableParallelism())
+//   --connections N     wrk -c (default 50)       --threads N  wrk -t (default 1)
+//   --cpu-ms MS         CPU burned per request in the cpu scenario (default 1)
+//   --out DIR           output directory (default bench/results)
+//
+// Needs wrk (Debian/Ubuntu: apt-get install -y wrk). Writes
+// bench/results/latest.{json,md,svg}. Each measurement starts bench/server.js
+// as a fresh process group on a fresh port and SIGKILLs the whole group after.
+
+const { spawn, spawnSync } = require('node:child_process');
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const net = require('node:net');
+const os = require('node:os');
+const path = require('node:path');
+
+const ROOT = path.resolve(__dirname, '..');
+const SERVER = path.join(__dirname, 'server.js');
+const ALL_IMPLS = ['node-rr', 'node-none', 'rs-rr', 'rs-none', 'single'];
+const ALL_SCENARIOS = ['close', 'keepalive', 'cpu'];
+const IMPL_DEF = {
+  'node-rr': { impl: 'node', policy: 'rr' },
+  'node-none': { impl: 'node', policy: 'none' },
+  'rs-rr': { impl: 'rs', policy: 'rr' },
+  'rs-none': { impl: 'rs', policy: 'none' },
+  single: { impl: 'single', policy: null },
+};
+const SCENARIO_SCRIPT = {
+  close: path.join(__dirname, 'wrk-close.lua'),
+  keepalive: path.join(__dirname, 'wrk-keepalive.lua'),
+  cpu: path.join(__dirname, 'wrk-keepalive.lua'),
+};
+const HOST = '127.0.0.1';
+const START_TIMEOUT_MS = 20000;
+const CMD_TIMEOUT_MS = 15000;
+
+// ------------------------------------------------------------------ helpers
+function die(msg, code = 1) {
+  process.stderr.write(`\nbench: ERROR: ${msg}\n`);
+  cleanupAll();
+  process.exit(code);
+}
+
+function median(xs) {
+  const v = xs.filter((x) => typeof x === 'number' && Number.isFinite(x)).sort((a, b) => a - b);
+  if (!v.length) return null;
+  const m = v.length >> 1;
+  return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
+}
+
+function cv(xs) {
+  if (!xs.length) return null;
+  const mean = xs.reduce((a, b) => a + b, 0) / xs.length;
+  if (mean === 0) return null;
+  const variance = xs.reduce((a, b) => a + (b - mean) ** 2, 0) / xs.length;
+  return Math.sqrt(variance) / mean;
+}
+
+const fmt = {
+  int: (x) => (x == null ? '—' : Math.round(x).toLocaleString('en-US')),
+  ms: (us) => (us == null ? '—' : (us / 1000).toFixed(us < 10000 ? 2 : us < 100000 ? 1 : 0) + ' ms'),
+  msv: (ms) => (ms == null ? '—' : ms.toFixed(ms < 100 ? 1 : 0) + ' ms'),
+  ratio: (r) => (r == null ? '—' : r.toFixed(2) + '×'),
+  f: (x, d = 2) => (x == null ? '—' : x.toFixed(d)),
+  mb: (kb) => (kb == null ? '—' : (kb / 1024).toFixed(1) + ' MB'),
+};
+
+function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
+
+// ------------------------------------------------------------------ args
+function parseArgs(argv) {
+  const o = {};
+  for (let i = 0; i < argv.length; i++) {
+    let a = argv[i];
+    let v;
+    if (a.startsWith('--') && a.includes('=')) { [a, v] = [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)]; }
+    const take = () => {
+      if (v !== undefined) return v;
+      if (i + 1 >= argv.length) die(`missing value for ${a}`, 2);
+      return argv[++i];
+    };
+    switch (a) {
+      case '--quick': o.quick = true; break;
+      case '--impl': case '--impls': o.impls = take().split(',').map((s) => s.trim()).filter(Boolean); break;
+      case '--rounds': o.rounds = posInt(take(), a); break;
+      case '--duration': case '-d': o.duration = posInt(String(take()).replace(/s$/, ''), a); break;
+      case '--warmup': o.warmup = nonNegInt(String(take()).replace(/s$/, ''), a); break;
+      case '--scenarios': case '--scenario': o.scenarios = take().split(',').map((s) => s.trim()).filter(Boolean); break;
+      case '--workers': o.workers = take(); break;
+      case '--connections': case '-c': o.connections = posInt(take(), a); break;
+      case '--threads': case '-t': o.threads = posInt(take(), a); break;
+      case '--cpu-ms': o.cpuMs = Number(take()); if (!(o.cpuMs > 0)) die('--cpu-ms must be > 0', 2); break;
+      case '--out': o.out = path.resolve(take()); break;
+      case '-h': case '--help': {
+        const src = fs.readFileSync(__filename, 'utf8').split('\n');
+        const end = src.findIndex((l, k) => k > 2 && !l.startsWith('//'));
+        process.stdout.write(src.slice(2, end).map((l) => l.replace(/^\/\/ ?/, '')).join('\n') + '\n');
+        process.exit(0);
+      }
+      // fallthrough impossible
+      default: die(`unknown argument ${a} (see --help)`, 2);
+    }
+  }
+  return o;
+}
+function posInt(s, name) { const n = Number(s); if (!Number.isInteger(n) || n < 1) die(`${name} must be a positive integer, got ${s}`, 2); return n; }
+function nonNegInt(s, name) { const n = Number(s); if (!Number.isInteger(n) || n < 0) die(`${name} must be a non-negative integer, got ${s}`, 2); return n; }
+
+// ------------------------------------------------------------------ process tracking / cleanup
+const liveGroups = new Set(); // pids of detached server primaries (= pgid)
+const liveWrk = new Set();
+
+function groupAlive(pgid) {
+  try { process.kill(-pgid, 0); return true; } catch (e) { return e.code === 'EPERM'; }
+}
+// Members of a process group that are not zombies (zombies cannot be killed;
+// they only wait for their new parent to reap them).
+function groupMembers(pgid) {
+  const out = [];
+  let ents = [];
+  try { ents = fs.readdirSync('/proc'); } catch { return out; }
+  for (const e of ents) {
+    if (!/^\d+$/.test(e)) continue;
+    try {
+      const st = fs.readFileSync(`/proc/${e}/stat`, 'utf8');
+      const rest = st.slice(st.lastIndexOf(')') + 2).split(' ');
+      if (Number(rest[2]) === pgid && rest[0] !== 'Z' && rest[0] !== 'X') out.push(Number(e));
+    } catch {}
+  }
+  return out;
+}
+
+function cleanupAll() {
+  for (const pg of liveGroups) { try { process.kill(-pg, 'SIGKILL'); } catch {} }
+  for (const w of liveWrk) { try { w.kill('SIGKILL'); } catch {} }
+}
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.on(sig, () => {
+    process.stderr.write(`\nbench: ${sig} received, killing servers and exiting\n`);
+    cleanupAll();
+    process.exit(130);
+  });
+}
+process.on('exit', cleanupAll);
+
+// ------------------------------------------------------------------ environment checks
+function checkWrk() {
+  const r = spawnSync('wrk', ['--version'], { encoding: 'utf8' });
+  if (r.error && r.error.code === 'ENOENT') {
+    process.stderr.write(
+      'bench: ERROR: wrk (HTTP load generator) is not installed or not on PATH.\n' +
+      '  Debian/Ubuntu:  sudo apt-get update && sudo apt-get install -y wrk\n' +
+      '  macOS:          brew install wrk\n' +
+      '  from source:    https://github.com/wg/wrk (make; put ./wrk on PATH)\n');
+    process.exit(2);
+  }
+  if (r.error) die(`cannot run wrk: ${r.error.message}`, 2);
+  return ((r.stdout || '') + (r.stderr || '')).split('\n')[0].replace(/\s+Copyright.*$/, '').trim();
+}
+
+function checkClusterRs() {
+  const code = `const c = require(${JSON.stringify(ROOT)});` +
+    `if (typeof c.fork !== 'function') throw new Error('module has no fork()');` +
+    `if (c.SCHED_RR === undefined || c.SCHED_NONE === undefined) throw new Error('module lacks SCHED_RR/SCHED_NONE');` +
+    `process.exit(0)`;
+  const r = spawnSync(process.execPath, ['-e', code], { encoding: 'utf8', timeout: 15000, cwd: ROOT });
+  if (r.status === 0) return { ok: true };
+  let reason = r.error ? r.error.message : (r.signal ? `killed by ${r.signal} (timeout?)` : '');
+  if (!reason) {
+    const lines = (r.stderr || '').split('\n').map((l) => l.trim()).filter(Boolean);
+    reason = lines.find((l) => /^[\w.]*(Error|Exception)\b.*:|Cannot find module/.test(l)) || lines[0] || `exit code ${r.status}`;
+  }
+  return { ok: false, reason };
+}
+
+function calibrateCpu(targetMs) {
+  const probe = 2000;
+  crypto.pbkdf2Sync('hello', 'salt', probe, 32, 'sha256'); // warm up
+  let best = Infinity;
+  for (let i = 0; i < 7; i++) {
+    const t0 = process.hrtime.bigint();
+    crypto.pbkdf2Sync('hello', 'salt', probe, 32, 'sha256');
+    best = Math.min(best, Number(process.hrtime.bigint() - t0) / 1e6);
+  }
+  return Math.max(1, Math.round(probe * targetMs / best));
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.unref();
+    s.on('error', reject);
+    s.listen(0, HOST, () => { const { port } = s.address(); s.close(() => resolve(port)); });
+  });
+}
+
+function readProcCpuS(pid) {
+  try {
+    const st = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = st.slice(st.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK; // utime + stime
+  } catch { return null; }
+}
+function readRssKb(pid) {
+  try {
+    const m = /VmRSS:\s+(\d+)\s*kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) : null;
+  } catch { return null; }
+}
+const CLK_TCK = (() => {
+  const r = spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' });
+  return Number(r.stdout) > 0 ? Number(r.stdout) : 100;
+})();
+
+// ------------------------------------------------------------------ server under test
+class ServerHandle {
+  constructor(implName, env) {
+    this.implName = implName;
+    this.log = [];
+    this.pending = new Map();
+    this.seq = 0;
+    this.exited = null;
+    this.child = spawn(process.execPath, [SERVER], {
+      env, detached: true, stdio: ['pipe', 'pipe', 'pipe'], cwd: ROOT,
+    });
+    this.pid = this.child.pid;
+    liveGroups.add(this.pid);
+    this.readyP = new Promise((res, rej) => { this.readyRes = res; this.readyRej = rej; });
+    this.readyP.catch(() => {});
+    let buf = '';
+    this.child.stdout.setEncoding('utf8');
+    this.child.stdout.on('data', (d) => {
+      buf += d;
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i); buf = buf.slice(i + 1);
+        this.onLine(line);
+      }
+    });
+    this.child.stderr.setEncoding('utf8');
+    this.child.stderr.on('data', (d) => this.addLog(d));
+    this.child.stdin.on('error', () => {});
+    this.exitP = new Promise((res) => this.child.on('exit', (code, sig) => {
+      this.exited = { code, sig };
+      const err = new Error(`server (${implName}) exited unexpectedly (code ${code}, signal ${sig})`);
+      if (!this.killing) {
+        this.readyRej(err);
+        for (const p of this.pending.values()) p.rej(err);
+      }
+      res();
+    }));
+    this.child.on('error', (e) => { this.readyRej(e); });
+  }
+  addLog(s) {
+    for (const l of String(s).split('\n')) if (l.trim()) this.log.push(l);
+    if (this.log.length > 60) this.log.splice(0, this.log.length - 60);
+  }
+  logTail(n = 25) { return this.log.slice(-n).map((l) => '    | ' + l).join('\n') || '    | (no output)'; }
+  onLine(line) {
+    if (!line.startsWith('@@BENCH ')) { this.addLog(line); return; }
+    let msg;
+    try { msg = JSON.parse(line.slice(8)); } catch { this.addLog(line); return; }
+    if (msg.type === 'ready') { this.readyRes(msg); return; }
+    const p = this.pending.get(msg.id);
+    if (!p) return;
+    this.pending.delete(msg.id);
+    clearTimeout(p.timer);
+    if (msg.ok) p.res(msg); else p.rej(new Error(`server command "${p.cmd}" failed: ${msg.error}`));
+  }
+  ready(timeoutMs) {
+    return withTimeout(this.readyP, timeoutMs, `server (${this.implName}) did not report all workers listening within ${timeoutMs / 1000} s`);
+  }
+  cmd(cmd, timeoutMs = CMD_TIMEOUT_MS) {
+    if (this.exited) return Promise.reject(new Error(`server (${this.implName}) already exited`));
+    const id = ++this.seq;
+    return new Promise((res, rej) => {
+      const timer = setTimeout(() => { this.pending.delete(id); rej(new Error(`server (${this.implName}) did not answer "${cmd}" within ${timeoutMs / 1000} s`)); }, timeoutMs);
+      this.pending.set(id, { res, rej, timer, cmd });
+      this.child.stdin.write(JSON.stringify({ id, cmd }) + '\n');
+    });
+  }
+  async kill() {
+    this.killing = true;
+    try { process.kill(-this.pid, 'SIGKILL'); } catch {}
+    await withTimeout(this.exitP, 5000, 'primary did not exit after SIGKILL').catch(() => {});
+    // Wait for the rest of the group (workers) to be gone.
+    const t0 = Date.now();
+    let members = groupMembers(this.pid);
+    while (members.length && Date.now() - t0 < 5000) {
+      try { process.kill(-this.pid, 'SIGKILL'); } catch {}
+      await sleep(50);
+      members = groupMembers(this.pid);
+    }
+    liveGroups.delete(this.pid);
+    if (members.length) process.stderr.write(`bench: warning: processes ${members.join(',')} of group ${this.pid} still alive after SIGKILL\n`);
+  }
+}
+
+function withTimeout(p, ms, msg) {
+  let t;
+  return Promise.race([p, new Promise((_, rej) => { t = setTimeout(() => rej(new Error(msg)), ms); })])
+    .finally(() => clearTimeout(t));
+}
+
+// ------------------------------------------------------------------ wrk
+function parseDurationUs(s) {
+  const m = /^([\d.]+)(us|ms|s|m|h)$/.exec(s);
+  if (!m) return null;
+  const mult = { us: 1, ms: 1e3, s: 1e6, m: 60e6, h: 3600e6 }[m[2]];
+  return Number(m[1]) * mult;
+}
+
+// Parses wrk's human output (run with --latency) and, if present, the
+// WRK_JSON line our Lua done() prints (exact numbers; preferred).
+function parseWrk(out) {
+  const r = { text: {}, json: null };
+  let m;
+  if ((m = /Requests\/sec:\s+([\d.]+)/.exec(out))) r.text.rps = Number(m[1]);
+  if ((m = /(\d+) requests in ([\d.]+\w+)/.exec(out))) { r.text.requests = Number(m[1]); r.text.durationUs = parseDurationUs(m[2]); }
+  const dist = /Latency Distribution([\s\S]*?)\n\s*\d+ requests in/.exec(out);
+  if (dist) {
+    for (const line of dist[1].split('\n')) {
+      const mm = /^\s*([\d.]+)%\s+([\d.]+\w+)/.exec(line);
+      if (mm) r.text['p' + Number(mm[1])] = parseDurationUs(mm[2]);
+    }
+  }
+  r.text.errors = { connect: 0, read: 0, write: 0, timeout: 0, status: 0 };
+  if ((m = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out))) {
+    Object.assign(r.text.errors, { connect: +m[1], read: +m[2], write: +m[3], timeout: +m[4] });
+  }
+  if ((m = /Non-2xx or 3xx responses: (\d+)/.exec(out))) r.text.errors.status = Number(m[1]);
+  if ((m = /^WRK_JSON (\{.*\})\s*$/m.exec(out))) { try { r.json = JSON.parse(m[1]); } catch {} }
+
+  const j = r.json;
+  const errors = j ? { connect: j.connect, read: j.read, write: j.write, timeout: j.timeout, status: j.status } : r.text.errors;
+  const requests = j ? j.requests : r.text.requests;
+  const durationUs = j ? j.duration_us : r.text.durationUs;
+  return {
+    requests,
+    durationS: durationUs / 1e6,
+    rps: j && j.duration_us > 0 ? j.requests / (j.duration_us / 1e6) : r.text.rps,
+    p50Us: j ? j.p50_us : r.text.p50,
+    p99Us: j ? j.p99_us : r.text.p99,
+    errors,
+    errorsTotal: Object.values(errors).reduce((a, b) => a + b, 0),
+    textRps: r.text.rps,
+  };
+}
+
+function runWrk(port, scenario, seconds, cfg) {
+  const args = ['-t', String(cfg.threads), '-c', String(cfg.connections), '-d', `${seconds}s`,
+    '--latency', '--timeout', '5s', '-s', SCENARIO_SCRIPT[scenario], `http://${HOST}:${port}/`];
+  return new Promise((resolve, reject) => {
+    const w = spawn('wrk', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    liveWrk.add(w);
+    let out = '', err = '';
+    w.stdout.on('data', (d) => { out += d; });
+    w.stderr.on('data', (d) => { err += d; });
+    const timer = setTimeout(() => { try { w.kill('SIGKILL'); } catch {} }, (seconds + 20) * 1000);
+    w.on('error', (e) => { clearTimeout(timer); liveWrk.delete(w); reject(e); });
+    w.on('exit', (code, sig) => {
+      clearTimeout(timer);
+      liveWrk.delete(w);
+      if (code !== 0) return reject(new Error(`wrk ${args.join(' ')} failed (code ${code}, signal ${sig}):\n${out}${err}`));
+      const res = parseWrk(out);
+      if (res.requests == null || res.rps == null) return reject(new Error(`could not parse wrk output:\n${out}${err}`));
+      res.raw = out;
+      resolve(res);
+    });
+  });
+}
+
+// ------------------------------------------------------------------ one measurement
+async function measure(implName, scenario, workers, cfg) {
+  const def = IMPL_DEF[implName];
+  const port = await freePort();
+  const env = Object.assign({}, process.env, {
+    BENCH_IMPL: def.impl,
+    BENCH_WORKERS: String(def.impl === 'single' ? 1 : workers),
+    BENCH_HOST: HOST,
+    BENCH_PORT: String(port),
+    BENCH_CPU_ITER: String(scenario === 'cpu' ? cfg.cpuIter : 0),
+    BENCH_RS_PATH: ROOT,
+    BENCH_MAX_LIFE_MS: String(START_TIMEOUT_MS + (cfg.warmup + cfg.duration) * 1000 + 60000),
+  });
+  delete env.NODE_UNIQUE_ID; // never let the primary think it is a worker
+  delete env.NODE_CHANNEL_FD;
+  if (def.policy) { env.BENCH_POLICY = def.policy; env.NODE_CLUSTER_SCHED_POLICY = def.policy; } else {
+    delete env.BENCH_POLICY; delete env.NODE_CLUSTER_SCHED_POLICY;
+  }
+
+  const srv = new ServerHandle(implName, env);
+  let stage = 'start';
+  try {
+    const ready = await srv.ready(START_TIMEOUT_MS);
+    stage = 'warm-up';
+    if (cfg.warmup > 0) {
+      await runWrk(port, scenario, cfg.warmup, cfg);
+      await sleep(250); // let the server drain warm-up connections before counting
+    }
+    stage = 'reset';
+    await srv.cmd('reset');
+    const cpu0 = (await srv.cmd('cpu')).cpuUs;
+    const proc0 = readProcCpuS(srv.pid);
+    stage = 'load';
+    const w = await runWrk(port, scenario, cfg.duration, cfg);
+    const rssKb = readRssKb(srv.pid);
+    const proc1 = readProcCpuS(srv.pid);
+    stage = 'stats';
+    const cpu1 = (await srv.cmd('cpu')).cpuUs;
+    const statsReply = await srv.cmd('stats');
+    const stats = statsReply.workers;
+    if (statsReply.unexpectedExits && statsReply.unexpectedExits.length) {
+      throw new Error(`worker(s) died during the load: ${JSON.stringify(statsReply.unexpectedExits)}`);
+    }
+    let restartMs = null;
+    if (def.impl !== 'single') {
+      stage = 'kill-one-worker';
+      restartMs = (await srv.cmd('killone')).restartMs;
+    }
+    if (srv.exited) throw new Error('server exited during the measurement');
+
+    const conns = stats.map((s) => s.connections);
+    const connections = conns.reduce((a, b) => a + b, 0);
+    const serverRequests = stats.reduce((a, s) => a + s.requests, 0);
+    const primaryCpuS = (cpu1 - cpu0) / 1e6;
+    return {
+      impl: implName, scenario, workers: def.impl === 'single' ? 1 : workers, port,
+      rps: w.rps, requests: w.requests, durationS: w.durationS, p50Us: w.p50Us, p99Us: w.p99Us,
+      errors: w.errors, errorsTotal: w.errorsTotal,
+      perWorkerConnections: conns.slice().sort((a, b) => b - a),
+      perWorkerRequests: stats.map((s) => s.requests).sort((a, b) => b - a),
+      connections, serverRequests,
+      connCv: stats.length > 1 ? cv(conns) : null,
+      primaryCpuS,
+      primaryCpuProcS: proc0 != null && proc1 != null ? proc1 - proc0 : null,
+      primaryCpuPer10kConnS: connections >= 1000 ? primaryCpuS / connections * 1e4 : null,
+      primaryRssKb: rssKb,
+      startupMs: ready.startupMs,
+      restartMs,
+    };
+  } catch (e) {
+    e.stage = stage;
+    e.serverLog = srv.logTail();
+    throw e;
+  } finally {
+    await srv.kill();
+  }
+}
+
+// ------------------------------------------------------------------ aggregation
+function aggregate(runs, impls, scenarios, workerCounts) {
+  const baseline = impls.includes('node-rr') ? 'node-rr' : impls[0];
+  const rows = [];
+  for (const scenario of scenarios) {
+    for (const wc of workerCounts) {
+      const group = [];
+      for (const impl of impls) {
+        const rs = runs.filter((r) => r.impl === impl && r.scenario === scenario && r.wc === wc);
+        if (!rs.length) continue;
+        const nW = Math.max(...rs.map((r) => r.perWorkerConnections.length));
+        const perWorker = [];
+        for (let k = 0; k < nW; k++) perWorker.push(median(rs.map((r) => r.perWorkerConnections[k])));
+        group.push({
+          scenario, workers: IMPL_DEF[impl].impl === 'single' ? 1 : wc, workersConfig: wc, impl, n: rs.length,
+          rps: median(rs.map((r) => r.rps)),
+          rpsAll: rs.map((r) => Math.round(r.rps)),
+          p50Us: median(rs.map((r) => r.p50Us)),
+          p99Us: median(rs.map((r) => r.p99Us)),
+          errors: median(rs.map((r) => r.errorsTotal)),
+          errorsSum: rs.reduce((a, r) => a + r.errorsTotal, 0),
+          perWorkerConnections: perWorker,
+          connections: median(rs.map((r) => r.connections)),
+          connCv: median(rs.map((r) => r.connCv)),
+          primaryCpuS: median(rs.map((r) => r.primaryCpuS)),
+          primaryCpuPer10kConnS: median(rs.map((r) => r.primaryCpuPer10kConnS)),
+          primaryRssKb: median(rs.map((r) => r.primaryRssKb)),
+          ratio: null,
+        });
+      }
+      const base = group.find((g) => g.impl === baseline);
+      for (const g of group) g.ratio = base && base.rps ? g.rps / base.rps : null;
+      rows.push(...group);
+    }
+  }
+  const timings = [];
+  for (const impl of impls) {
+    if (IMPL_DEF[impl].impl === 'single') continue;
+    for (const wc of workerCounts) {
+      const rs = runs.filter((r) => r.impl === impl && r.wc === wc);
+      if (!rs.length) continue;
+      timings.push({
+        impl, workers: wc, n: rs.length,
+        startupMs: median(rs.map((r) => r.startupMs)),
+        restartMs: median(rs.map((r) => r.restartMs)),
+        startupMsMin: Math.min(...rs.map((r) => r.startupMs)),
+        restartMsMin: Math.min(...rs.map((r) => r.restartMs ?? Infinity)),
+      });
+    }
+  }
+  return { baseline, rows, timings };
+}
+
+// ------------------------------------------------------------------ output
+const COLS = [
+  ['scenario', (r) => r.scenario],
+  ['workers', (r) => String(r.workers)],
+  ['impl', (r) => r.impl],
+  ['req/s', (r) => fmt.int(r.rps), 'r'],
+  ['spread', (r) => (r.n > 1 && r.rps ? '±' + ((Math.max(...r.rpsAll) - Math.min(...r.rpsAll)) / 2 / r.rps * 100).toFixed(0) + '%' : '—'), 'r'],
+  ['vs base', (r) => fmt.ratio(r.ratio), 'r'],
+  ['p50', (r) => fmt.ms(r.p50Us), 'r'],
+  ['p99', (r) => fmt.ms(r.p99Us), 'r'],
+  ['errors', (r) => fmt.int(r.errors), 'r'],
+  ['conns/worker', (r) => r.perWorkerConnections.map(fmt.int).join(' / '), 'r'],
+  ['conn CV', (r) => fmt.f(r.connCv), 'r'],
+  ['prim CPU s/10k conn', (r) => fmt.f(r.primaryCpuPer10kConnS, 3), 'r'],
+  ['prim CPU s', (r) => fmt.f(r.primaryCpuS, 2), 'r'],
+  ['prim RSS', (r) => fmt.mb(r.primaryRssKb), 'r'],
+];
+const TCOLS = [
+  ['impl', (t) => t.impl],
+  ['workers', (t) => String(t.workers)],
+  ['fork → all listening', (t) => fmt.msv(t.startupMs), 'r'],
+  ['SIGKILL → replacement listening', (t) => fmt.msv(t.restartMs), 'r'],
+  ['samples', (t) => String(t.n), 'r'],
+];
+
+function textTable(cols, rows) {
+  const cells = rows.map((r) => cols.map((c) => c[1](r)));
+  const widths = cols.map((c, i) => Math.max(c[0].length, ...cells.map((row) => row[i].length)));
+  const line = (vals) => vals.map((v, i) => (cols[i][2] === 'r' ? v.padStart(widths[i]) : v.padEnd(widths[i]))).join('  ');
+  return [line(cols.map((c) => c[0])), widths.map((w) => '-'.repeat(w)).join('  '), ...cells.map(line)].join('\n');
+}
+
+function mdTable(cols, rows) {
+  const esc = (s) => String(s).replace(/\|/g, '\\|');
+  return [
+    '| ' + cols.map((c) => esc(c[0])).join(' | ') + ' |',
+    '|' + cols.map((c) => (c[2] === 'r' ? '---:' : ':---')).join('|') + '|',
+    ...rows.map((r) => '| ' + cols.map((c) => esc(c[1](r))).join(' | ') + ' |'),
+  ].join('\n');
+}
+
+function xmlEsc(s) { return String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;'); }
+
+function svgChart(agg, impls, meta) {
+  const colors = { 'node-rr': '#7f7f7f', 'node-none': '#bcbcbc', 'rs-rr': '#d9480f', 'rs-none': '#f59f00', single: '#1c7ed6' };
+  const groups = [];
+  for (const r of agg.rows) {
+    const key = `${r.scenario} · ${r.workersConfig}w`;
+    let g = groups.find((x) => x.key === key);
+    if (!g) groups.push(g = { key, bars: [] });
+    g.bars.push(r);
+  }
+  const barW = 30, gap = 6, groupGap = 40, left = 60, top = 60, plotH = 260, bottom = 70;
+  const groupW = (n) => n * barW + (n - 1) * gap;
+  const title = `Requests/s relative to ${agg.baseline} (median of ${meta.rounds} round${meta.rounds > 1 ? 's' : ''}, higher is better)`;
+  const legendW = impls.reduce((a, i) => a + 28 + i.length * 7, 0);
+  const width = Math.ceil(Math.max(left + title.length * 8.8 + 20, left + legendW + 20,
+    left + groups.reduce((a, g) => a + groupW(g.bars.length) + groupGap, 0) + 20));
+  const maxR = Math.max(1.2, ...agg.rows.map((r) => r.ratio || 0));
+  const step = maxR > 4 ? 1 : maxR > 2 ? 0.5 : 0.25;
+  const yMax = Math.ceil(maxR / step) * step;
+  const y = (v) => top + plotH - (v / yMax) * plotH;
+  const height = top + plotH + bottom + 24;
+  const o = [];
+  o.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="Helvetica, Arial, sans-serif" font-size="12">`);
+  o.push(`<rect width="100%" height="100%" fill="#ffffff"/>`);
+  o.push(`<text x="${left}" y="22" font-size="15" font-weight="bold">${xmlEsc(title)}</text>`);
+  o.push(`<text x="${left}" y="40" fill="#555">${xmlEsc(`wrk -t${meta.threads} -c${meta.connections} -d${meta.duration}s · node ${meta.node} · ${meta.cpus} CPUs · ${meta.date}`)}</text>`);
+  for (let v = 0; v <= yMax + 1e-9; v += step) {
+    o.push(`<line x1="${left}" x2="${width - 10}" y1="${y(v).toFixed(1)}" y2="${y(v).toFixed(1)}" stroke="#e6e6e6"/>`);
+    o.push(`<text x="${left - 6}" y="${(y(v) + 4).toFixed(1)}" text-anchor="end" fill="#555">${v.toFixed(2)}×</text>`);
+  }
+  let x = left + groupGap / 2;
+  for (const g of groups) {
+    g.bars.forEach((b, i) => {
+      const bx = x + i * (barW + gap);
+      const r = b.ratio || 0;
+      o.push(`<rect x="${bx}" y="${y(r).toFixed(1)}" width="${barW}" height="${(y(0) - y(r)).toFixed(1)}" fill="${colors[b.impl] || '#888'}"><title>${xmlEsc(`${b.impl} ${g.key}: ${fmt.int(b.rps)} req/s (${fmt.ratio(b.ratio)})`)}</title></rect>`);
+      o.push(`<text x="${bx + barW / 2}" y="${(y(r) - 4).toFixed(1)}" text-anchor="middle" font-size="10">${b.ratio == null ? '—' : b.ratio.toFixed(2)}</text>`);
+    });
+    o.push(`<text x="${x + groupW(g.bars.length) / 2}" y="${top + plotH + 18}" text-anchor="middle" font-weight="bold">${xmlEsc(g.key)}</text>`);
+    x += groupW(g.bars.length) + groupGap;
+  }
+  o.push(`<line x1="${left}" x2="${width - 10}" y1="${y(1).toFixed(1)}" y2="${y(1).toFixed(1)}" stroke="#222" stroke-dasharray="5,4"/>`);
+  o.push(`<line x1="${left}" x2="${left}" y1="${top}" y2="${y(0)}" stroke="#222"/>`);
+  o.push(`<line x1="${left}" x2="${width - 10}" y1="${y(0)}" y2="${y(0)}" stroke="#222"/>`);
+  let lx = left;
+  const ly = top + plotH + 44;
+  for (const impl of impls) {
+    o.push(`<rect x="${lx}" y="${ly - 10}" width="12" height="12" fill="${colors[impl] || '#888'}"/>`);
+    o.push(`<text x="${lx + 16}" y="${ly}">${xmlEsc(impl)}</text>`);
+    lx += 28 + impl.length * 7;
+  }
+  o.push('</svg>');
+  return o.join('\n') + '\n';
+}
+
+function markdown(agg, meta, notes) {
+  const m = [];
+  m.push('# cluster-rs benchmark results', '');
+  m.push(`- date: ${meta.date}`);
+  m.push(`- command: \`${meta.command}\``);
+  m.push(`- node ${meta.node}, ${meta.wrk}, ${meta.cpus} CPUs (os.availableParallelism() = ${meta.availableParallelism}), ${meta.cpuModel}, ${meta.os}`);
+  m.push(`- wrk -t${meta.threads} -c${meta.connections} -d${meta.duration}s, ${meta.warmup}s warm-up, ${meta.rounds} interleaved round(s), medians reported`);
+  if (meta.scenarios.includes('cpu')) m.push(`- cpu scenario: pbkdf2Sync sha256 × ${meta.cpuIter} iterations per request (≈ ${meta.cpuMs} ms on this machine)`);
+  m.push(`- "vs base" = req/s ÷ ${agg.baseline} req/s in the same scenario and worker count`);
+  m.push('', '![req/s relative to baseline](latest.svg)', '');
+  m.push(mdTable(COLS, agg.rows), '');
+  if (agg.timings.length) m.push('## Worker start-up and replacement', '', mdTable(TCOLS, agg.timings), '');
+  m.push('## Notes', '');
+  for (const n of notes) m.push(`- ${n}`);
+  return m.join('\n') + '\n';
+}
+
+const NOTES = [
+  'close: every request sends `Connection: close` (set in bench/wrk-close.lua), so each request is a new TCP connection; keepalive: wrk\'s persistent connections; cpu: keep-alive with ~1 ms of pbkdf2 per request.',
+  'spread = ±half the range (max − min) of req/s over the rounds, relative to the median: a quick noise indicator.',
+  'errors = wrk socket errors (connect, read, write, timeout) + non-2xx/3xx responses.',
+  'conns/worker = TCP connections each worker\'s server saw (`connection` events), sorted descending, median per position; conn CV = stddev/mean over workers (0 = perfectly even).',
+  'prim CPU = user+system CPU of the primary process (all its threads) during the measured load (process.cpuUsage() in the primary); per 10k conn only shown when ≥ 1000 connections were made (not meaningful for keep-alive). For `single` the "primary" is the only process and does all the work.',
+  'prim RSS = VmRSS of the primary right after the load.',
+  'fork → all listening: from just before the first fork() until N cluster `listening` events. SIGKILL → replacement listening: the primary kills one worker with SIGKILL and, like ordinary node:cluster code, forks a replacement on `exit`; time until that replacement is listening.',
+];
+
+// ------------------------------------------------------------------ main
+async function main() {
+  const tStart = Date.now();
+  const a = parseArgs(process.argv.slice(2));
+  const quick = !!a.quick;
+  const ap = typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
+  const cfg = {
+    rounds: a.rounds ?? (quick ? 1 : 3),
+    duration: a.duration ?? (quick ? 2 : 5),
+    warmup: a.warmup ?? 1,
+    connections: a.connections ?? 50,
+    threads: a.threads ?? 1,
+    cpuMs: a.cpuMs ?? 1,
+    scenarios: a.scenarios ?? (quick ? ['close', 'keepalive'] : ALL_SCENARIOS.slice()),
+    out: a.out ?? path.join(__dirname, 'results'),
+  };
+  for (const s of cfg.scenarios) if (!ALL_SCENARIOS.includes(s)) die(`unknown scenario "${s}" (known: ${ALL_SCENARIOS.join(', ')})`, 2);
+  let workersSpec = a.workers ?? (quick ? '2' : 'auto');
+  let workerCounts;
+  const notes = NOTES.slice();
+  if (workersSpec === 'auto') {
+    workerCounts = [...new Set([2, ap])];
+    if (ap === 2) {
+      const n = 'os.availableParallelism() is 2 on this machine, so the "2 workers" and "availableParallelism() workers" runs are the same: run once.';
+      console.log(`bench: ${n}`);
+      notes.push(n);
+    }
+  } else {
+    workerCounts = [...new Set(String(workersSpec).split(',').map((s) => posInt(s.trim(), '--workers')))];
+  }
+
+  let impls = a.impls ?? ALL_IMPLS.slice();
+  for (const i of impls) if (!IMPL_DEF[i]) die(`unknown implementation "${i}" (known: ${ALL_IMPLS.join(', ')})`, 2);
+  impls = ALL_IMPLS.filter((i) => impls.includes(i)); // canonical order in tables/chart
+
+  const wrkVersion = checkWrk();
+  const skipped = [];
+  if (impls.some((i) => IMPL_DEF[i].impl === 'rs')) {
+    const rs = checkClusterRs();
+    if (!rs.ok) {
+      const sk = impls.filter((i) => IMPL_DEF[i].impl === 'rs');
+      const msg = `cluster-rs could not be loaded from ${ROOT} (${rs.reason}); skipping ${sk.join(', ')}. Build the addon first (e.g. npm run build) to include them.`;
+      console.log(`bench: ${msg}`);
+      notes.push(msg);
+      skipped.push(...sk);
+      impls = impls.filter((i) => IMPL_DEF[i].impl !== 'rs');
+    }
+  }
+  if (!impls.length) die('nothing to run (all requested implementations were skipped)', 1);
+
+  if (cfg.scenarios.includes('cpu')) {
+    cfg.cpuIter = calibrateCpu(cfg.cpuMs);
+    console.log(`bench: cpu scenario burns pbkdf2Sync(sha256, ${cfg.cpuIter} iterations) ≈ ${cfg.cpuMs} ms per request`);
+  } else cfg.cpuIter = 0;
+
+  const command = ['node bench/run.js',
+    '--impl', impls.concat(skipped).join(','),
+    '--scenarios', cfg.scenarios.join(','),
+    '--workers', workerCounts.join(','),
+    '--rounds', cfg.rounds, '--duration', cfg.duration, '--warmup', cfg.warmup,
+    '--connections', cfg.connections, '--threads', cfg.threads,
+  ].concat(cfg.cpuMs !== 1 ? ['--cpu-ms', cfg.cpuMs] : []).join(' ');
+  console.log(`bench: ${wrkVersion}; wrk -t${cfg.threads} -c${cfg.connections} -d${cfg.duration}s (+${cfg.warmup}s warm-up), ` +
+    `${cfg.rounds} round(s); impls ${impls.join(', ')}; scenarios ${cfg.scenarios.join(', ')}; workers ${workerCounts.join(', ')}`);
+  console.log(`bench: reproduce with: ${command}`);
+
+  // Build the interleaved schedule: in every round each (scenario, workers)
+  // combination runs every impl once, in an order that rotates per round.
+  const combos = [];
+  for (const s of cfg.scenarios) for (const wc of workerCounts) combos.push({ scenario: s, wc });
+  const schedule = [];
+  for (let r = 0; r < cfg.rounds; r++) {
+    combos.forEach((c, ci) => {
+      // `single` does not depend on the worker count: run it once per scenario.
+      const list = impls.filter((i) => IMPL_DEF[i].impl !== 'single' || c.wc === workerCounts[0]);
+      const k = (r + ci) % list.length;
+      const order = list.slice(k).concat(list.slice(0, k));
+      for (const impl of order) schedule.push({ round: r + 1, scenario: c.scenario, wc: c.wc, impl });
+    });
+  }
+  const estS = schedule.length * (cfg.duration + cfg.warmup + 0.7);
+  console.log(`bench: ${schedule.length} measurements, roughly ${Math.ceil(estS)} s\n`);
+
+  const runs = [];
+  const W = String(schedule.length).length;
+  for (let k = 0; k < schedule.length; k++) {
+    const it = schedule[k];
+    const wl = IMPL_DEF[it.impl].impl === 'single' ? '1p' : `${it.wc}w`;
+    const label = `[${String(k + 1).padStart(W)}/${schedule.length}] round ${it.round}/${cfg.rounds}  ${it.scenario.padEnd(9)} ${wl.padEnd(3)} ${it.impl.padEnd(9)}`;
+    process.stdout.write(label + ' ... ');
+    let res;
+    try {
+      res = await measure(it.impl, it.scenario, it.wc, cfg);
+    } catch (e) {
+      process.stdout.write('FAILED\n');
+      die(`${it.impl} / ${it.scenario} / ${it.wc} workers failed during ${e.stage || '?'}: ${e.message}\n  server output (last lines):\n${e.serverLog || '    | (none)'}`, 1);
+    }
+    res.round = it.round;
+    res.wc = it.wc;
+    runs.push(res);
+    const warn = [];
+    if (it.scenario === 'close' && res.connections < 0.9 * res.serverRequests) warn.push(`only ${res.connections} connections for ${res.serverRequests} requests: Connection: close not in effect?`);
+    if (it.scenario !== 'close' && res.connections > 20 * cfg.connections) warn.push(`${res.connections} connections for a keep-alive run`);
+    if (res.requests > 0 && Math.abs(res.serverRequests - res.requests) > cfg.connections * 2 + 0.01 * res.requests) warn.push(`wrk counted ${res.requests} requests, servers ${res.serverRequests}`);
+    process.stdout.write(`${fmt.int(res.rps).padStart(7)} req/s  p50 ${fmt.ms(res.p50Us)}  p99 ${fmt.ms(res.p99Us)}  err ${res.errorsTotal}` +
+      `  conns ${res.perWorkerConnections.join('/')}  prim cpu ${res.primaryCpuS.toFixed(2)}s` +
+      (res.startupMs != null ? `  start ${res.startupMs.toFixed(0)}ms` : '') +
+      (res.restartMs != null ? `  restart ${res.restartMs.toFixed(0)}ms` : '') + '\n');
+    for (const w of warn) console.log(`      warning: ${w}`);
+  }
+
+  const agg = aggregate(runs, impls, cfg.scenarios, workerCounts);
+  const elapsedS = (Date.now() - tStart) / 1000;
+  const meta = {
+    date: new Date().toISOString(),
+    command,
+    argv: process.argv.slice(2),
+    quick,
+    node: process.version,
+    wrk: wrkVersion,
+    cpus: os.cpus().length,
+    availableParallelism: ap,
+    cpuModel: (os.cpus()[0] || {}).model || 'unknown CPU',
+    os: `${os.type()} ${os.release()} ${os.arch()}`,
+    rounds: cfg.rounds, duration: cfg.duration, warmup: cfg.warmup,
+    connections: cfg.connections, threads: cfg.threads,
+    scenarios: cfg.scenarios, workerCounts, impls, skipped,
+    cpuIter: cfg.cpuIter, cpuMs: cfg.cpuMs,
+    elapsedS,
+  };
+
+  console.log('\nResults (medians over rounds; "vs base" = req/s relative to ' + agg.baseline + '):\n');
+  console.log(textTable(COLS, agg.rows));
+  if (agg.timings.length) {
+    console.log('\nWorker start-up and replacement (medians):\n');
+    console.log(textTable(TCOLS, agg.timings));
+  }
+
+  fs.mkdirSync(cfg.out, { recursive: true });
+  const jsonRuns = runs.map((r) => Object.assign({}, r));
+  fs.writeFileSync(path.join(cfg.out, 'latest.json'), JSON.stringify({ meta, notes, baseline: agg.baseline, rows: agg.rows, timings: agg.timings, runs: jsonRuns }, null, 2) + '\n');
+  fs.writeFileSync(path.join(cfg.out, 'latest.md'), markdown(agg, meta, notes));
+  fs.writeFileSync(path.join(cfg.out, 'latest.svg'), svgChart(agg, impls, meta));
+  const rel = (p) => path.relative(process.cwd(), p) || p;
+  console.log(`\nbench: wrote ${rel(path.join(cfg.out, 'latest.json'))}, ${rel(path.join(cfg.out, 'latest.md'))}, ${rel(path.join(cfg.out, 'latest.svg'))}`);
+  console.log(`bench: took ${elapsedS.toFixed(1)} s`);
+  console.log(`bench: reproduce with: ${command}`);
+}
+
+main().catch((e) => die(e && e.stack || String(e), 1));
