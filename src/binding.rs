@@ -187,10 +187,14 @@ pub fn dispatch_stats() -> Vec<ChannelStats> {
     }).collect()
 }
 
-/// Starts receiving on the worker's channel end `fd`. `onBatch` gets
-/// `[listener, seq, fd, ...]`; a closed channel ends the thread. Returns 0 or -errno.
+/// Starts receiving on the worker's channel end `fd`, from this worker's own
+/// event loop: a `uv_poll` watches the channel, and each wake-up drains it
+/// and calls `onBatch([listener, seq, fd, ...])` once, through
+/// `napi_make_callback` so that nextTicks and microtasks run afterwards as
+/// after any I/O callback. No thread, no extra wake-up per batch.
+/// Returns 0 or -errno.
 #[napi]
-pub fn worker_attach(fd: i32, on_batch: Function<Vec<u32>, ()>) -> Result<i32> {
+pub fn worker_attach(env: Env, fd: i32, on_batch: Function<Vec<u32>, ()>) -> Result<i32> {
     if WORKER.get().is_some() {
         return Ok(-(nix::errno::Errno::EBUSY as i32));
     }
@@ -202,15 +206,134 @@ pub fn worker_attach(fd: i32, on_batch: Function<Vec<u32>, ()>) -> Result<i32> {
         Err(e) => return Ok(-(e.errno as i32)),
     };
     let _ = WORKER.set(channel.clone());
-    // Weak: a worker stays alive because of its servers, never because of us.
-    let tsfn = on_batch.build_threadsafe_function::<Vec<u32>>().weak::<true>().build()?;
-    std::thread::Builder::new()
-        .name("cluster-rs-worker".into())
-        .spawn(move || {
-            let _ = channel.receive(|batch| tsfn.call(batch, ThreadsafeFunctionCallMode::NonBlocking) == Status::Ok);
-        })
-        .map_err(|e| Error::from_reason(format!("cluster-rs: cannot start the receiving thread: {e}")))?;
-    Ok(0)
+    let uv_loop = env.get_uv_event_loop()?;
+    let receiver = LoopReceiver::new(&env, on_batch.raw(), channel)?;
+    Ok(receiver.start(uv_loop.cast()))
+}
+
+mod uv {
+    use std::ffi::{c_int, c_void};
+
+    pub const UV_POLL: c_int = 8; // uv_handle_type
+    pub const UV_READABLE: c_int = 1;
+    pub type PollCb = extern "C" fn(handle: *mut c_void, status: c_int, events: c_int);
+
+    // libuv, exported by the node binary that loads this addon.
+    extern "C" {
+        pub fn uv_handle_size(kind: c_int) -> usize;
+        pub fn uv_poll_init(uv_loop: *mut c_void, handle: *mut c_void, fd: c_int) -> c_int;
+        pub fn uv_poll_start(handle: *mut c_void, events: c_int, cb: PollCb) -> c_int;
+        pub fn uv_poll_stop(handle: *mut c_void) -> c_int;
+        pub fn uv_unref(handle: *mut c_void);
+    }
+}
+
+/// What the poll callback needs; lives for the rest of the process (a worker
+/// has one channel), pointed to by the uv handle's `data` field.
+struct LoopReceiver {
+    env: napi::sys::napi_env,
+    callback: napi::sys::napi_ref,
+    context: napi::sys::napi_async_context,
+    channel: Arc<WorkerChannel>,
+}
+
+fn napi_ok(status: napi::sys::napi_status, what: &str) -> Result<()> {
+    if status == napi::sys::Status::napi_ok {
+        Ok(())
+    } else {
+        Err(Error::from_reason(format!("cluster-rs: {what} failed (napi status {status})")))
+    }
+}
+
+impl LoopReceiver {
+    fn new(env: &Env, callback: napi::sys::napi_value, channel: Arc<WorkerChannel>) -> Result<LoopReceiver> {
+        let raw = env.raw();
+        let mut reference = std::ptr::null_mut();
+        // SAFETY: `callback` is a live function value of this env; the
+        // reference keeps it alive for as long as the receiver exists.
+        napi_ok(unsafe { napi::sys::napi_create_reference(raw, callback, 1, &mut reference) }, "napi_create_reference")?;
+        let name = env.create_string("cluster-rs:connections")?;
+        let mut context = std::ptr::null_mut();
+        // SAFETY: `name` is a string value of this env; `context` is written by the call.
+        napi_ok(unsafe { napi::sys::napi_async_init(raw, std::ptr::null_mut(), name.raw(), &mut context) }, "napi_async_init")?;
+        Ok(LoopReceiver { env: raw, callback: reference, context, channel })
+    }
+
+    /// Registers the poll handle; returns 0 or a negative errno.
+    fn start(self, uv_loop: *mut std::ffi::c_void) -> i32 {
+        let fd = self.channel.raw_fd();
+        // SAFETY: uv_handle_size only reads a constant table.
+        let size = unsafe { uv::uv_handle_size(uv::UV_POLL) };
+        // SAFETY: a zeroed allocation of the size libuv asks for; never freed,
+        // since the handle watches the channel for the rest of the process.
+        let handle = unsafe { libc::calloc(1, size) };
+        if handle.is_null() {
+            return -libc::ENOMEM;
+        }
+        // SAFETY: `handle` is writable memory of the right size and `uv_loop`
+        // is this thread's running loop, from napi_get_uv_event_loop.
+        let rc = unsafe { uv::uv_poll_init(uv_loop, handle, fd) };
+        if rc != 0 {
+            return rc;
+        }
+        // `data` is the first field of every uv handle.
+        let data = Box::into_raw(Box::new(self)).cast::<std::ffi::c_void>();
+        // SAFETY: the handle was just initialised; its first field is `void* data`.
+        unsafe { *handle.cast::<*mut std::ffi::c_void>() = data };
+        // SAFETY: the handle is initialised; the callback matches uv_poll_cb.
+        let rc = unsafe { uv::uv_poll_start(handle, uv::UV_READABLE, on_channel_readable) };
+        // SAFETY: an initialised handle; unref so the channel alone never keeps a worker alive.
+        unsafe { uv::uv_unref(handle) };
+        rc
+    }
+
+    /// Calls the JS callback with one batch, as any libuv I/O callback would.
+    fn deliver(&self, batch: Vec<u32>) {
+        use napi::bindgen_prelude::ToNapiValue;
+        use napi::sys;
+        let env = self.env;
+        let mut scope = std::ptr::null_mut();
+        // SAFETY: we are on the JS thread, inside the loop, outside any JS frame.
+        if unsafe { sys::napi_open_handle_scope(env, &mut scope) } != sys::Status::napi_ok {
+            return;
+        }
+        // SAFETY: each call below is on the JS thread of `env` with values of
+        // this scope; their outputs are written by the calls.
+        unsafe {
+            let mut func = std::ptr::null_mut();
+            let mut global = std::ptr::null_mut();
+            let args = Vec::<u32>::to_napi_value(env, batch);
+            if let Ok(arg) = args {
+                if sys::napi_get_reference_value(env, self.callback, &mut func) == sys::Status::napi_ok
+                    && sys::napi_get_global(env, &mut global) == sys::Status::napi_ok
+                {
+                    let mut result = std::ptr::null_mut();
+                    let status = sys::napi_make_callback(env, self.context, global, func, 1, &arg, &mut result);
+                    if status == sys::Status::napi_pending_exception {
+                        let mut err = std::ptr::null_mut();
+                        sys::napi_get_and_clear_last_exception(env, &mut err);
+                        sys::napi_fatal_exception(env, err);
+                    }
+                }
+            }
+            sys::napi_close_handle_scope(env, scope);
+        }
+    }
+}
+
+extern "C" fn on_channel_readable(handle: *mut std::ffi::c_void, status: std::ffi::c_int, _events: std::ffi::c_int) {
+    // SAFETY: `data` was set to a leaked LoopReceiver before the poll started.
+    let receiver = unsafe { &*(*handle.cast::<*mut LoopReceiver>()) };
+    let mut batch = Vec::new();
+    let open = status == 0 && receiver.channel.drain(&mut batch).unwrap_or(false);
+    if !batch.is_empty() {
+        receiver.deliver(batch);
+    }
+    if !open {
+        // The primary is gone; the IPC channel's 'disconnect' ends the worker.
+        // SAFETY: an active poll handle of this loop.
+        unsafe { uv::uv_poll_stop(handle) };
+    }
 }
 
 fn errno_of(r: SysResult<()>) -> i32 {

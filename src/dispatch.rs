@@ -385,7 +385,14 @@ impl Loop {
                     break;
                 }
                 // Descriptors from a worker are never expected; the decoder drops them.
-                Ok(n) => c.decoder.push(&buf[..n], fds),
+                Ok(n) => {
+                    c.decoder.push(&buf[..n], fds);
+                    // A short read emptied the socket; poll is level-triggered,
+                    // so a further read would only return EAGAIN.
+                    if n < buf.len() {
+                        break;
+                    }
+                }
                 Err(e) if sys::would_block(e.errno) => break,
                 Err(e) if e.errno == Errno::EINTR => continue,
                 Err(_) => {

@@ -1,13 +1,14 @@
 //! The worker's end of the data channel.
 //!
-//! A thread blocks in `recvmsg` and delivers batches of connections as plain
-//! numbers (`[listener, seq, fd, ...]`), one callback per batch rather than one
-//! per connection. The descriptors stay owned here until JavaScript settles
+//! Whatever is readable is drained at once and delivered as one batch of
+//! plain numbers (`[listener, seq, fd, ...]`), one callback per wake-up rather
+//! than one per connection. In a worker the wake-up comes from the worker's
+//! own libuv loop (see `binding::worker_attach`). The descriptors stay owned here until JavaScript settles
 //! them: an accepted fd is handed over to the handle that wrapped it, a
 //! declined one is closed, and the primary hears about both in one write.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
 use nix::errno::Errno;
@@ -18,45 +19,72 @@ use crate::wire::{self, Decoder, Incoming, Record, RECORD_LEN};
 
 pub struct WorkerChannel {
     fd: OwnedFd,
+    decoder: Mutex<Decoder>,
     unsettled: Mutex<HashMap<u32, OwnedFd>>,
 }
 
 impl WorkerChannel {
     /// Takes the channel end the primary passed at spawn. It is made
-    /// close-on-exec at once, so the worker's own children do not inherit it.
+    /// close-on-exec at once, so the worker's own children do not inherit it,
+    /// and non-blocking, so reads can be driven by the worker's event loop.
     pub fn new(fd: OwnedFd) -> SysResult<WorkerChannel> {
         sys::set_cloexec(fd.as_fd())?;
-        sys::set_nonblocking(fd.as_fd(), false)?;
-        Ok(WorkerChannel { fd, unsettled: Mutex::new(HashMap::new()) })
+        sys::set_nonblocking(fd.as_fd(), true)?;
+        Ok(WorkerChannel { fd, decoder: Mutex::default(), unsettled: Mutex::new(HashMap::new()) })
     }
 
-    /// Receives until the primary closes the channel. `deliver` gets each
-    /// batch as `[listener, seq, fd]` triples; it returns false to stop.
-    pub fn receive(&self, mut deliver: impl FnMut(Vec<u32>) -> bool) -> SysResult<()> {
-        let mut decoder = Decoder::default();
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Reads everything there is without blocking and appends each received
+    /// connection to `batch` as `[listener, seq, fd]`. Returns false once the
+    /// primary has closed the channel.
+    pub fn drain(&self, batch: &mut Vec<u32>) -> SysResult<bool> {
+        let mut decoder = self.decoder.lock().unwrap();
         let mut buf = [0u8; RECORD_LEN * 64];
+        let mut open = true;
         loop {
             let mut fds = Vec::new();
-            let n = match wire::recv(self.fd.as_raw_fd(), &mut buf, &mut fds) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.errno == Errno::EINTR => continue,
-                Err(e) => return Err(e),
-            };
-            decoder.push(&buf[..n], fds);
-            let mut incoming = Vec::new();
-            decoder.drain(&mut incoming);
-            let mut batch = Vec::with_capacity(incoming.len() * 3);
-            {
-                let mut unsettled = self.unsettled.lock().unwrap();
-                for Incoming { record, fd } in incoming {
-                    if let (Record::Conn { listener, seq }, Some(fd)) = (record, fd) {
-                        batch.extend_from_slice(&[listener, seq, fd.as_raw_fd() as u32]);
-                        unsettled.insert(seq, fd);
-                    }
+            match wire::recv(self.fd.as_raw_fd(), &mut buf, &mut fds) {
+                Ok(0) => {
+                    open = false;
+                    break;
                 }
+                Ok(n) => decoder.push(&buf[..n], fds),
+                Err(e) if e.errno == Errno::EINTR => continue,
+                Err(e) if sys::would_block(e.errno) => break,
+                Err(e) => return Err(e),
             }
+        }
+        let mut incoming = Vec::new();
+        decoder.drain(&mut incoming);
+        let mut unsettled = self.unsettled.lock().unwrap();
+        for Incoming { record, fd } in incoming {
+            if let (Record::Conn { listener, seq }, Some(fd)) = (record, fd) {
+                batch.extend_from_slice(&[listener, seq, fd.as_raw_fd() as u32]);
+                unsettled.insert(seq, fd);
+            }
+        }
+        Ok(open)
+    }
+
+    /// Blocks until the primary closes the channel, handing each batch to
+    /// `deliver` (which returns false to stop). For a dedicated thread.
+    pub fn receive(&self, mut deliver: impl FnMut(Vec<u32>) -> bool) -> SysResult<()> {
+        loop {
+            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(SysError { syscall: "poll", errno }),
+                Ok(_) => {}
+            }
+            let mut batch = Vec::new();
+            let open = self.drain(&mut batch)?;
             if !batch.is_empty() && !deliver(batch) {
+                return Ok(());
+            }
+            if !open {
                 return Ok(());
             }
         }
