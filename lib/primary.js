@@ -267,8 +267,26 @@ function exitedAfterDisconnect(worker, message) {
   send(worker, { ack: message.seq });
 }
 
+const UV_EINVAL = -22;
+const ADDRESS_TYPES = new Set([4, 6, -1, null, undefined, 'udp4', 'udp6']);
+
+// A queryServer message as net and dgram build it; anything else is refused
+// with EINVAL rather than turned into a socket.
+function wellFormedQuery(m) {
+  const isInt = (v) => Number.isInteger(v);
+  if (!isInt(m.index) || m.index < 0 || !ADDRESS_TYPES.has(m.addressType)) return false;
+  if (m.address !== null && m.address !== undefined && typeof m.address !== 'string') return false;
+  if (isInt(m.fd) && m.fd >= 0) return true;
+  if (!isInt(m.port) || m.port > 65535) return false;
+  return m.port >= 0 || (typeof m.address === 'string' && m.address.length > 0);
+}
+
 function queryServer(worker, message) {
   if (worker.exitedAfterDisconnect) return;
+  if (!wellFormedQuery(message)) {
+    send(worker, { errno: UV_EINVAL, key: null, ack: message.seq, data: null });
+    return;
+  }
 
   const key = `${message.address}:${message.port}:${message.addressType}:${message.fd}:${message.index}`;
   let handle = handles.get(key);
