@@ -105,7 +105,7 @@ function validateObject(value, name) {
 
 function validateNumber(value, name, min = 0, max = Number.MAX_SAFE_INTEGER) {
   if (typeof value !== 'number') throw invalidArgType(name, 'number', value, validateNumber);
-  if (!Number.isFinite(value) || value < min || value > max) {
+  if (Number.isNaN(value) || value < min || value > max) {
     throw outOfRange(name, `>= ${min} && <= ${max}`, value, validateNumber);
   }
 }

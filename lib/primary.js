@@ -27,6 +27,8 @@ const kChannel = Symbol('cluster-rs.channel');
 const kEnv = Symbol('cluster-rs.env');
 const kSlot = Symbol('cluster-rs.slot');
 const kStarted = Symbol('cluster-rs.started');
+// Set when the app stops a worker on purpose (kill/destroy): never restarted.
+const kStopped = Symbol('cluster-rs.stopped');
 let ids = 0;
 let initialized = false;
 
@@ -347,6 +349,7 @@ Worker.prototype.disconnect = function disconnect() {
 };
 
 Worker.prototype.destroy = function destroy(signo) {
+  this[kStopped] = true;
   this.process.kill(signo || 'SIGTERM');
 };
 
@@ -365,7 +368,7 @@ function stopAccepting() {
   }
 }
 
-const supervisor = createSupervisor({ cluster, forkWorker, keysOf, stopAccepting, kEnv, kSlot, kStarted });
+const supervisor = createSupervisor({ cluster, forkWorker, keysOf, stopAccepting, kEnv, kSlot, kStarted, kStopped });
 cluster.shutdown = function shutdown(options) { return supervisor.shutdown(options); };
 cluster.reload = function reload() { return supervisor.reload(); };
 

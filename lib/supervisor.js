@@ -59,11 +59,12 @@ function validateSettings(settings) {
 }
 
 // `primary` gives: cluster, forkWorker(env, slot), keysOf(worker),
-// stopAccepting(), and the worker symbols kEnv, kSlot, kStarted.
+// stopAccepting(), and the worker symbols kEnv, kSlot, kStarted, kStopped.
 function createSupervisor(primary) {
   const { cluster } = primary;
   const pending = new Map(); // slot -> { env, code, signal }
   const hooked = new Set();
+  const kCandidate = Symbol('cluster-rs.reload-candidate');
   let policy = null;
   let keepAlive = null;
   let shutdownPromise = null;
@@ -104,7 +105,11 @@ function createSupervisor(primary) {
 
   // Called after a worker's 'exit' events.
   function onExit(worker, code, signal) {
-    if (!policy || worker.exitedAfterDisconnect || shutdownPromise) return;
+    // Not restarted: workers stopped on purpose, reload candidates (the
+    // reload fails instead), and anything during shutdown.
+    if (!policy || worker.exitedAfterDisconnect || worker[primary.kStopped] || worker[kCandidate] || shutdownPromise) {
+      return;
+    }
     const slot = worker[primary.kSlot];
     const uptime = Date.now() - worker[primary.kStarted];
     const decision = native.supervisorExit(slot, uptime, policy.delay, policy.maxDelay, policy.minUptime,
@@ -213,7 +218,6 @@ function createSupervisor(primary) {
       };
       const timer = setTimeout(() => {
         cleanup();
-        fresh.process.kill('SIGKILL');
         reject(Object.assign(new Error(`cluster-rs: replacement worker ${fresh.id} was not ready ` +
                                        `within ${timeout} ms`), { code: 'ERR_CLUSTER_RS_RELOAD_TIMEOUT' }));
       }, timeout);
@@ -226,12 +230,15 @@ function createSupervisor(primary) {
 
   async function replace(old) {
     const fresh = primary.forkWorker(old[primary.kEnv], old[primary.kSlot]);
+    fresh[kCandidate] = true;
     try {
       await whenReady(fresh, old);
     } catch (err) {
+      // Gracefully, like any retirement: it may already hold connections.
       if (!fresh.isDead()) await retire([fresh], shutdownTimeout());
       throw err;
     }
+    fresh[kCandidate] = false;
     await retire([old], shutdownTimeout());
   }
 

@@ -126,7 +126,9 @@ impl Timers {
         let (lock, wake) = &*self.shared;
         let mut state = lock.lock().unwrap();
         state.cancelled.remove(&token);
-        state.due.push(Reverse((Instant::now() + after, token)));
+        // A delay too large to represent is as good as never.
+        let at = Instant::now().checked_add(after).unwrap_or_else(|| Instant::now() + Duration::from_secs(u32::MAX as u64));
+        state.due.push(Reverse((at, token)));
         wake.notify_one();
     }
 

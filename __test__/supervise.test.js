@@ -1,0 +1,612 @@
+'use strict';
+// Supervision: restart with backoff and 'giveup', shutdown(), rolling
+// reload(), shutdownOn/reloadOn, the orphan guard, leaks over many restarts,
+// and validation of the settings.
+//
+// Every test runs a real primary (__test__/fixtures/sup-*.js) as a detached
+// child (its own process group), with a time limit after which the whole group
+// is SIGKILLed and the test fails. Fixtures report JSON lines on stdout, each
+// with `ev` and a timestamp `t` (ms, the primary's clock). Nothing waits on a
+// sleep: timers here are only failure guards.
+
+const nodeTest = require('node:test');
+const assert = require('node:assert/strict');
+const { spawn } = require('node:child_process');
+const fs = require('node:fs');
+const path = require('node:path');
+
+const FIXTURES = path.join(__dirname, 'fixtures');
+const TOLERANCE = 5; // ms of slack on lower bounds (clock granularity)
+
+// ---------------------------------------------------------------- helpers
+
+const groups = new Set(); // pids (= process group ids) of live primaries
+
+function killGroup(pgid) {
+  try {
+    process.kill(-pgid, 'SIGKILL');
+  } catch {
+    // ESRCH: gone already
+  }
+}
+
+process.on('exit', () => { for (const pgid of groups) killGroup(pgid); });
+nodeTest.after(() => { for (const pgid of groups) killGroup(pgid); });
+
+// node:test's test(), with the output of the test's primaries appended to a
+// failure (tests run one at a time).
+const runs = [];
+function test(name, options, fn) {
+  return nodeTest.test(name, options, async (t) => {
+    runs.length = 0;
+    try {
+      await fn(t);
+    } catch (err) {
+      for (const r of runs) {
+        if (r.output) err.message += `\n=== ${r.label} ===\n${r.output()}`;
+      }
+      throw err;
+    }
+  });
+}
+
+// /proc/<pid>/stat fields after the command: state, ppid, pgrp, ...
+function procStat(pid) {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const [state, ppid, pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return { state, ppid: Number(ppid), pgrp: Number(pgrp) };
+  } catch {
+    return null;
+  }
+}
+
+// True while a process exists and is not a zombie (nobody may reap the
+// orphans of a killed primary in this container, so a zombie counts as gone).
+function alive(pid) {
+  try {
+    process.kill(pid, 0);
+  } catch (err) {
+    if (err.code === 'ESRCH') return false;
+    throw err;
+  }
+  const stat = procStat(pid);
+  return stat !== null && stat.state !== 'Z' && stat.state !== 'X';
+}
+
+// Live (non-zombie) members of a process group.
+function groupMembers(pgid) {
+  const members = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = procStat(entry);
+    if (stat && stat.pgrp === pgid && stat.state !== 'Z' && stat.state !== 'X') members.push(Number(entry));
+  }
+  return members;
+}
+
+// Polls until none of `pids` is alive; rejects with the survivors after `limit` ms.
+function waitGone(pids, limit) {
+  const deadline = Date.now() + limit;
+  return new Promise((resolve, reject) => {
+    (function check() {
+      const left = pids.filter(alive);
+      if (left.length === 0) return resolve();
+      if (Date.now() > deadline) return reject(new Error(`still alive after ${limit} ms: ${left.join(', ')}`));
+      setTimeout(check, 10);
+    })();
+  });
+}
+
+// Runs `node [nodeArgs] fixtures/<name> [args]` as a detached primary.
+// Resolves once it has exited and all holders of its stdout (its workers
+// inherit it) have closed it: { code, signal, messages, stdout, stderr, pid,
+// strays }, where `strays` are processes of its group still alive then (they
+// are killed). `onMessage(message, child)` sees each JSON line as it arrives;
+// if it throws, the group is killed and the run rejects. On timeout the group
+// is killed and the run rejects with the output so far.
+function run(name, args = [], { timeout = 15000, onMessage, nodeArgs = [] } = {}) {
+  const file = path.join(FIXTURES, name);
+  const env = { ...process.env };
+  delete env.NODE_CLUSTER_SCHED_POLICY;
+  delete env.NODE_TEST_CONTEXT;
+  delete env.NODE_OPTIONS;
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [...nodeArgs, file, ...args], {
+      cwd: FIXTURES, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true,
+    });
+    groups.add(child.pid);
+    const messages = [];
+    let stdout = '';
+    let stderr = '';
+    let pending = '';
+    let settled = false;
+    const describe = () => `--- stdout ---\n${stdout}\n--- stderr ---\n${stderr}`;
+    // A run that rejects carries its output in the error already.
+    const record = { label: `${name} ${args.join(' ')}`, output: null };
+    runs.push(record);
+
+    function finish(err, value) {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      if (err) reject(err);
+      else resolve(value);
+    }
+
+    const timer = setTimeout(() => {
+      killGroup(child.pid);
+      finish(new Error(`${name} ${args.join(' ')} timed out after ${timeout} ms\n${describe()}`));
+    }, timeout);
+
+    child.stdout.setEncoding('utf8');
+    child.stdout.on('data', (chunk) => {
+      stdout += chunk;
+      pending += chunk;
+      let nl;
+      while ((nl = pending.indexOf('\n')) !== -1) {
+        const line = pending.slice(0, nl);
+        pending = pending.slice(nl + 1);
+        if (!line.startsWith('{')) continue;
+        let message;
+        try {
+          message = JSON.parse(line);
+        } catch {
+          continue;
+        }
+        messages.push(message);
+        if (message.ev === 'fatal') {
+          killGroup(child.pid);
+          finish(new Error(`${name} failed: ${message.message}\n${describe()}`));
+        }
+        if (onMessage && !settled) {
+          try {
+            onMessage(message, child);
+          } catch (err) {
+            killGroup(child.pid);
+            err.message += `\n${describe()}`;
+            finish(err);
+          }
+        }
+      }
+    });
+    child.stderr.setEncoding('utf8');
+    child.stderr.on('data', (chunk) => { stderr += chunk; });
+    child.on('error', (err) => finish(err));
+    child.on('close', (code, signal) => {
+      const strays = groupMembers(child.pid);
+      killGroup(child.pid);
+      groups.delete(child.pid);
+      record.output = describe;
+      finish(null, { code, signal, messages, stdout, stderr, pid: child.pid, strays, describe });
+    });
+  });
+}
+
+const pick = (result, ev) => result.messages.filter((m) => m.ev === ev);
+
+function one(result, ev) {
+  const all = pick(result, ev);
+  assert.equal(all.length, 1, `expected one '${ev}' message, got ${all.length}\n${result.describe()}`);
+  return all[0];
+}
+
+// The primary exited by itself with code 0 and left nothing behind.
+function assertCleanExit(result) {
+  assert.equal(result.signal, null, result.describe());
+  assert.equal(result.code, 0, result.describe());
+  assert.deepEqual(result.strays, [], 'processes of the primary\'s group outlived it');
+}
+
+// ---------------------------------------------------------------- restart
+
+test('crash loop: the delay doubles up to maxDelay, then giveup and no more forks', { timeout: 20000 },
+     async () => {
+       const policy = { delay: 50, maxDelay: 200, minUptime: 1000, maxRestarts: 4 };
+       const result = await run('sup-crashloop.js', [JSON.stringify(policy)]);
+       assertCleanExit(result);
+
+       const forks = pick(result, 'fork');
+       const exits = pick(result, 'exit');
+       assert.deepEqual(forks.map((m) => m.id), [1, 2, 3, 4, 5], 'the first worker and 4 restarts, new ids');
+       assert.deepEqual(exits.map((m) => [m.id, m.code, m.signal]), forks.map((m) => [m.id, 3, null]));
+
+       const expected = [50, 100, 200, 200];
+       expected.forEach((delay, i) => {
+         const gap = forks[i + 1].t - exits[i].t;
+         assert.ok(gap >= delay - TOLERANCE, `restart ${i + 1}: gap ${gap.toFixed(1)} ms < delay ${delay} ms`);
+         assert.ok(gap < delay + 1000, `restart ${i + 1}: gap ${gap.toFixed(1)} ms, far over delay ${delay} ms`);
+       });
+
+       const giveup = one(result, 'giveup');
+       assert.deepEqual(giveup.info, { id: 5, restarts: 4, code: 3, signal: null });
+       assert.equal(giveup.workers, 0);
+       assert.ok(giveup.t >= exits[4].t);
+       assert.ok(forks.every((m) => m.t < giveup.t), 'a worker was forked after giveup');
+       assert.deepEqual(pick(result, 'warning'), [], 'no warning when a giveup listener exists');
+       // Nothing pending any more: the primary ended on its own.
+       const primaryExit = one(result, 'primary-exit');
+       assert.equal(primaryExit.workers, 0);
+     });
+
+test('giveup without a listener: a ClusterRsWarning, not a crash', { timeout: 20000 }, async () => {
+  const policy = { delay: 10, maxDelay: 10, minUptime: 1000, maxRestarts: 1 };
+  const result = await run('sup-crashloop.js', [JSON.stringify(policy), 'nolistener']);
+  assertCleanExit(result);
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1, 2]);
+  const warning = one(result, 'warning');
+  assert.equal(warning.name, 'ClusterRsWarning');
+  assert.match(warning.message, /worker 2/);
+  assert.match(result.stderr, /ClusterRsWarning/);
+});
+
+test('shutdown() cancels a pending restart', { timeout: 20000 }, async () => {
+  // The restart would be due 5 s after the crash; shutdown() right after the
+  // crash must cancel it, and the primary must end at once.
+  const policy = { delay: 5000, minUptime: 1000 };
+  const result = await run('sup-crashloop.js', [JSON.stringify(policy), 'shutdown']);
+  assertCleanExit(result);
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1], 'a worker was forked after shutdown()');
+  assert.equal(one(result, 'shutdown-resolved').workers, 0);
+  const waited = one(result, 'primary-exit').t - one(result, 'exit').t;
+  assert.ok(waited < 2000, `the primary lingered ${waited.toFixed(0)} ms for a cancelled restart`);
+});
+
+test('a run longer than minUptime resets the backoff', { timeout: 20000 }, async () => {
+  // Lifetimes per generation: quick, quick, healthy (600 ms > minUptime
+  // 300), quick, quick, quick. With the reset the delays are 200, 400, 200,
+  // 200, 400 and giveup comes after the 6th worker; without it the 4th
+  // worker's exit would already give up (3 quick failures > maxRestarts 2)
+  // and the delay after the healthy run would be 800.
+  const policy = { delay: 200, maxDelay: 5000, minUptime: 300, maxRestarts: 2 };
+  const result = await run('sup-healthy.js', [JSON.stringify(policy), JSON.stringify([0, 0, 600, 0, 0, 0])]);
+  assertCleanExit(result);
+  assert.deepEqual(pick(result, 'unexpected-generation'), []);
+
+  const forks = pick(result, 'fork');
+  const exits = pick(result, 'exit');
+  assert.deepEqual(forks.map((m) => m.id), [1, 2, 3, 4, 5, 6]);
+  assert.deepEqual(exits.map((m) => m.code), [1, 1, 1, 1, 1, 1]);
+  assert.ok(exits[2].t - forks[2].t >= 300, 'the third worker ran longer than minUptime');
+
+  const expected = [200, 400, 200, 200, 400];
+  expected.forEach((delay, i) => {
+    const gap = forks[i + 1].t - exits[i].t;
+    assert.ok(gap >= delay - TOLERANCE, `restart ${i + 1}: gap ${gap.toFixed(1)} ms < delay ${delay} ms`);
+    assert.ok(gap < delay + 1000, `restart ${i + 1}: gap ${gap.toFixed(1)} ms`);
+  });
+  // After the healthy run the delay is back to `delay`, not 4 * delay.
+  const afterHealthy = forks[3].t - exits[2].t;
+  assert.ok(afterHealthy < 600, `delay after a healthy run: ${afterHealthy.toFixed(1)} ms (expected ~200)`);
+
+  const giveup = one(result, 'giveup');
+  assert.deepEqual(giveup.info, { id: 6, restarts: 2, code: 1, signal: null });
+});
+
+// Which exits are restarted (sup-purpose.js): in every mode the primary must
+// end by itself, which it only does with no restart pending.
+async function purpose(mode, options = {}) {
+  const result = await run('sup-purpose.js', [mode], options);
+  assertCleanExit(result);
+  assert.deepEqual(pick(result, 'giveup'), []);
+  return result;
+}
+
+test('no restart after worker.kill()', {
+  timeout: 20000,
+}, async () => {
+  const result = await purpose('kill');
+  const exits = pick(result, 'exit');
+  assert.equal(exits[0].signal, 'SIGTERM');
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1], 'the killed worker was restarted');
+  assert.deepEqual(pick(result, 'restarted'), []);
+});
+
+test('no restart after worker.disconnect()', { timeout: 20000 }, async () => {
+  const result = await purpose('disconnect');
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1], 'the disconnected worker was restarted');
+  assert.deepEqual(pick(result, 'exit').map((m) => [m.id, m.code, m.signal, m.ead]), [[1, 0, null, true]]);
+});
+
+test('no restart after cluster.disconnect()', { timeout: 20000 }, async () => {
+  const result = await purpose('cluster');
+  one(result, 'cluster-disconnected');
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1, 2], 'a disconnected worker was restarted');
+  assert.deepEqual(pick(result, 'exit').map((m) => [m.code, m.ead]), [[0, true], [0, true]]);
+});
+
+function assertRestartedOnce(result, firstExit) {
+  const forks = pick(result, 'fork');
+  const exits = pick(result, 'exit');
+  assert.deepEqual(forks.map((m) => m.id), [1, 2], 'one restart, with a new id');
+  assert.deepEqual([exits[0].id, exits[0].code, exits[0].signal, exits[0].ead], [1, ...firstExit, false]);
+  assert.ok(forks[1].t - exits[0].t >= 50 - TOLERANCE, 'restarted before the delay');
+  // The replacement goes through the usual events and gets the same env.
+  assert.deepEqual(pick(result, 'online').map((m) => m.id), [1, 2]);
+  assert.deepEqual(pick(result, 'listening').map((m) => m.id), [1, 2]);
+  const restarted = one(result, 'restarted');
+  assert.equal(restarted.id, 2);
+  assert.equal(restarted.tag, 'tag-1', 'the replacement got the env passed to fork()');
+}
+
+test('restart after process.exit(1) in the worker', { timeout: 20000 }, async () => {
+  assertRestartedOnce(await purpose('exit1'), [1, null]);
+});
+
+test('restart after an external SIGKILL of the worker', { timeout: 20000 }, async () => {
+  const result = await purpose('sigkill', {
+    onMessage(m) {
+      if (m.ev === 'all-ready') process.kill(m.pids[0], 'SIGKILL');
+    },
+  });
+  assertRestartedOnce(result, [null, 'SIGKILL']);
+});
+
+// ---------------------------------------------------------------- reload
+
+function checkReload(result, { waitReady }) {
+  assertCleanExit(result);
+  assert.deepEqual(pick(result, 'bad-exit'), [], 'a worker exited with a non-zero code');
+  const r = one(result, 'result');
+  assert.equal(r.errorCount, 0, `failed requests during reload: ${JSON.stringify(r.errors)}`);
+  assert.ok(r.perPhase[1] > 0 && r.perPhase[2] > 0, `no traffic during a reload: ${r.perPhase}`);
+
+  const [g0, g1, g2] = r.generations;
+  assert.equal(r.generations.length, 3);
+  for (const g of r.generations) assert.equal(g.length, 2, `generations: ${JSON.stringify(r.generations)}`);
+  const all = new Set([...g0, ...g1, ...g2]);
+  assert.equal(all.size, 6, `every reload replaces every worker: ${JSON.stringify(r.generations)}`);
+  for (const id of g2) assert.ok(r.byId[id] > 0, `worker ${id} of the last generation served nothing`);
+
+  // One at a time: old worker i is disconnected only once its replacement is
+  // up (listening, or 'ready' with waitReady), and the next replacement is
+  // forked only after that.
+  const at = (what, id) => {
+    const e = r.timeline.find(([, w, i]) => w === what && i === id);
+    assert.ok(e, `no '${what}' for worker ${id}: ${JSON.stringify(r.timeline)}`);
+    return e[0];
+  };
+  for (const [olds, news] of [[g0, g1], [g1, g2]]) {
+    olds.forEach((old, i) => {
+      const fresh = news[i];
+      const up = at(waitReady ? 'ready' : 'listening', fresh);
+      assert.ok(at('fork', fresh) < up);
+      assert.ok(up <= at('disconnect', old), `worker ${old} was disconnected before ${fresh} was up`);
+      if (waitReady) {
+        assert.ok(at('ready', fresh) - at('listening', fresh) >= 140 - TOLERANCE,
+                  'the replacement said ready 150 ms after listening');
+      }
+      if (i + 1 < news.length) {
+        assert.ok(at('disconnect', old) < at('fork', news[i + 1]), 'two workers replaced at once');
+      }
+    });
+  }
+  assert.deepEqual(one(result, 'done').workers, []);
+}
+
+test('reload under load: two rolling reloads, zero failed requests', { timeout: 30000 }, async () => {
+  checkReload(await run('sup-reload.js', ['listen'], { timeout: 25000 }), { waitReady: false });
+});
+
+test('reload with waitReady: old workers leave only after the new ones say ready', { timeout: 30000 },
+     async () => {
+       checkReload(await run('sup-reload.js', ['waitReady'], { timeout: 25000 }), { waitReady: true });
+     });
+
+function checkReloadFailure(result, code) {
+  assertCleanExit(result);
+  const settled = one(result, 'reload-settled');
+  assert.ok(settled.error, 'reload() resolved');
+  assert.equal(settled.error.code, code);
+  const r = one(result, 'result');
+  assert.deepEqual(r.before, [1, 2]);
+  assert.deepEqual(r.after, [1, 2], 'the old workers (and only they) remain');
+  // The old workers still serve, both of them.
+  assert.deepEqual([...new Set(r.bodies)].sort(), ['1', '2']);
+  return settled.error;
+}
+
+test('reload failure: the replacement exits before it is ready', { timeout: 20000 }, async () => {
+  const result = await run('sup-reload-fail.js', ['crash']);
+  const error = checkReloadFailure(result, 'ERR_CLUSTER_RS_RELOAD_FAILED');
+  assert.equal(error.workerId, 3);
+  assert.equal(error.exitCode, 7);
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1, 2, 3], 'the second worker was replaced anyway');
+});
+
+test('reload failure: the replacement is not ready within readyTimeout', {
+  timeout: 20000,
+}, async () => {
+  const result = await run('sup-reload-fail.js', ['timeout']);
+  const error = checkReloadFailure(result, 'ERR_CLUSTER_RS_RELOAD_TIMEOUT');
+  assert.ok(error.ms >= 300 - TOLERANCE, `rejected after ${error.ms} ms, before readyTimeout`);
+  // The late replacement is retired like any worker (disconnected, killed
+  // only after shutdownTimeout): it must be gone, and the old ones serve.
+  assert.ok(pick(result, 'exit').some((m) => m.id === 3), 'the late replacement is still alive');
+});
+
+test('reload failure with a restart policy: the failed replacement is not restarted', {
+  timeout: 20000,
+}, async () => {
+  const result = await run('sup-reload-fail.js', ['crash', 'restart']);
+  checkReloadFailure(result, 'ERR_CLUSTER_RS_RELOAD_FAILED');
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1, 2, 3]);
+});
+
+test('reload timeout with a restart policy: the killed replacement is not restarted', {
+  timeout: 20000,
+}, async () => {
+  const result = await run('sup-reload-fail.js', ['timeout', 'restart']);
+  checkReloadFailure(result, 'ERR_CLUSTER_RS_RELOAD_TIMEOUT');
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1, 2, 3]);
+});
+
+// ---------------------------------------------------------------- shutdown
+
+function checkShutdown(result) {
+  assertCleanExit(result);
+  const exits = pick(result, 'exit');
+  const healthy = exits.find((m) => m.role === 'healthy');
+  const stuck = exits.find((m) => m.role === 'stuck');
+  assert.deepEqual([healthy.code, healthy.signal], [0, null], 'the healthy worker exits by itself');
+  assert.deepEqual([stuck.code, stuck.signal], [null, 'SIGKILL'], 'the stuck worker is SIGKILLed');
+  // The healthy worker's open request finished before it left.
+  const slow = pick(result, 'response').find((m) => m.name === 'slow');
+  assert.ok(slow, `the in-flight request did not complete\n${result.describe()}`);
+  assert.deepEqual([slow.status, slow.body], [200, 'slow-ok']);
+  assert.ok(slow.t <= healthy.t);
+  assert.ok(healthy.t < stuck.t);
+  // A client arriving after shutdown() began is not served.
+  const late = pick(result, 'client-error').find((m) => m.name === 'late');
+  assert.ok(late, 'a connection made after shutdown() was served');
+  assert.ok(['ECONNREFUSED', 'ECONNRESET'].includes(late.code), late.code);
+
+  const resolved = one(result, 'shutdown-resolved');
+  assert.ok(resolved.ms >= 500 - TOLERANCE, `resolved after ${resolved.ms} ms, before the timeout`);
+  assert.ok(resolved.ms < 3000, `resolved after ${resolved.ms} ms`);
+  assert.ok(stuck.t <= resolved.t, 'resolved before the stuck worker was gone');
+  assert.equal(resolved.workers, 0);
+  assert.deepEqual(resolved.dead, [true, true]);
+  // The restart policy does not bring anything back.
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1, 2]);
+}
+
+test('shutdown({ timeout: 500 }) SIGKILLs a stuck worker; a healthy one exits 0', { timeout: 20000 },
+     async () => {
+       checkShutdown(await run('sup-shutdown.js', ['option']));
+     });
+
+test('shutdown() uses settings.shutdownTimeout', { timeout: 20000 }, async () => {
+  checkShutdown(await run('sup-shutdown.js', ['setting']));
+});
+
+// ---------------------------------------------------------------- signals
+
+test('shutdownOn SIGTERM: the primary shuts down and exits 0', { timeout: 20000 }, async () => {
+  let pids = null;
+  const result = await run('sup-signals.js', [], {
+    onMessage(m, child) {
+      if (m.ev === 'ready') {
+        pids = m.pids;
+        child.kill('SIGTERM');
+      }
+    },
+  });
+  assertCleanExit(result);
+  assert.equal(pids.length, 2);
+  assert.deepEqual(pids.filter(alive), [], 'a worker outlived the primary');
+  const exits = pick(result, 'exit');
+  assert.deepEqual(exits.map((m) => [m.code, m.signal]), [[0, null], [0, null]], 'workers left gracefully');
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1, 2], 'restart: true must not restart them');
+  assert.deepEqual(one(result, 'primary-exit').code, 0);
+});
+
+test('reloadOn SIGHUP replaces every worker; then SIGTERM shuts down', { timeout: 20000 }, async () => {
+  const pids = new Set();
+  let hupped = false;
+  let termed = false;
+  const listening = new Set();
+  const exited = new Set();
+  const result = await run('sup-signals.js', [], {
+    onMessage(m, child) {
+      if (m.ev === 'fork') pids.add(m.wpid);
+      if (m.ev === 'ready' && !hupped) {
+        hupped = true;
+        child.kill('SIGHUP');
+      }
+      if (m.ev === 'listening') listening.add(m.id);
+      if (m.ev === 'exit') exited.add(m.id);
+      if (!termed && exited.has(1) && exited.has(2) && listening.has(3) && listening.has(4)) {
+        termed = true;
+        child.kill('SIGTERM');
+      }
+    },
+  });
+  assertCleanExit(result);
+  assert.ok(termed, 'the reload did not complete');
+  assert.equal(pids.size, 4);
+  assert.deepEqual([...pids].filter(alive), [], 'a worker outlived the primary');
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1, 2, 3, 4]);
+  const exits = pick(result, 'exit');
+  assert.deepEqual(exits.slice(0, 2).map((m) => m.id), [1, 2], 'the old workers left first');
+  assert.ok(exits.every((m) => m.code === 0 && m.signal === null), 'every worker left gracefully');
+  assert.deepEqual(pick(result, 'warning'), []);
+});
+
+// ---------------------------------------------------------------- orphans
+
+test('workers never outlive a SIGKILLed primary', { timeout: 20000 }, async () => {
+  let gone = null;
+  let pids = null;
+  const result = await run('sup-orphan.js', [], {
+    onMessage(m, child) {
+      if (m.ev !== 'ready') return;
+      pids = m.pids;
+      assert.equal(pids.length, 3);
+      assert.ok(pids.every(alive));
+      process.kill(child.pid, 'SIGKILL');
+      gone = waitGone(pids, 3000);
+      gone.catch(() => {}); // awaited below
+    },
+  });
+  assert.equal(result.signal, 'SIGKILL');
+  assert.ok(gone, `the fixture never reported its workers\n${result.describe()}`);
+  await gone;
+  assert.deepEqual(result.strays, []);
+});
+
+// ---------------------------------------------------------------- leaks
+
+test('200 restarts leak neither fds nor memory in the primary', { timeout: 60000 }, async () => {
+  const restarts = 200;
+  const result = await run('sup-leak.js', [String(restarts)], { timeout: 50000, nodeArgs: ['--expose-gc'] });
+  assertCleanExit(result);
+  const { first, last, forks, workers } = one(result, 'result');
+  assert.equal(forks, restarts + 1);
+  assert.equal(workers, 1);
+  assert.ok(last.fds - first.fds <= 0, `fds grew from ${first.fds} to ${last.fds}`);
+  const growth = (last.rss - first.rss) / 2 ** 20;
+  assert.ok(growth < 30, `RSS grew by ${growth.toFixed(1)} MiB`);
+  assert.equal(one(result, 'primary-exit').forks, restarts + 1, 'a worker was restarted after disconnect()');
+});
+
+// ---------------------------------------------------------------- validation
+
+test('invalid settings throw Node-style errors and change nothing', { timeout: 20000 }, async () => {
+  const result = await run('sup-validate.js');
+  assertCleanExit(result);
+  const cases = Object.fromEntries(pick(result, 'case').map((m) => [m.name, m]));
+  const expect = {
+    'restart-string': ['ERR_INVALID_ARG_TYPE', 'TypeError', /options\.restart/],
+    'restart-null': ['ERR_INVALID_ARG_TYPE', 'TypeError', /options\.restart/],
+    'restart-delay-negative': ['ERR_OUT_OF_RANGE', 'RangeError', /options\.restart\.delay.*Received -1/],
+    'restart-delay-string': ['ERR_INVALID_ARG_TYPE', 'TypeError', /options\.restart\.delay/],
+    'restart-maxDelay-nan': ['ERR_OUT_OF_RANGE', 'RangeError', /options\.restart\.maxDelay/],
+    'restart-maxRestarts-negative': ['ERR_OUT_OF_RANGE', 'RangeError', /options\.restart\.maxRestarts/],
+    'shutdownOn-unknown': ['ERR_UNKNOWN_SIGNAL', 'TypeError', /SIGNOPE/],
+    'shutdownOn-number': ['ERR_INVALID_ARG_TYPE', 'TypeError', /options\.shutdownOn/],
+    'shutdownOn-object': ['ERR_INVALID_ARG_TYPE', 'TypeError', /options\.shutdownOn/],
+    'reloadOn-unknown': ['ERR_UNKNOWN_SIGNAL', 'TypeError', /SIGNOPE/],
+    'shutdownTimeout-negative': ['ERR_OUT_OF_RANGE', 'RangeError', /options\.shutdownTimeout/],
+    'readyTimeout-string': ['ERR_INVALID_ARG_TYPE', 'TypeError', /options\.readyTimeout/],
+    'waitReady-string': ['ERR_INVALID_ARG_TYPE', 'TypeError', /options\.waitReady/],
+    // shutdown() throws synchronously rather than returning a rejected Promise.
+    'shutdown-timeout-string': ['ERR_INVALID_ARG_TYPE', 'TypeError', /options\.timeout/],
+    'shutdown-timeout-negative': ['ERR_OUT_OF_RANGE', 'RangeError', /options\.timeout/],
+    'shutdown-options-string': ['ERR_INVALID_ARG_TYPE', 'TypeError', /"options" argument/],
+  };
+  for (const [name, [code, type, message]] of Object.entries(expect)) {
+    const c = cases[name];
+    assert.ok(c, `case ${name} did not run`);
+    assert.equal(c.threw, true, `${name} did not throw`);
+    assert.equal(c.code, code, name);
+    assert.equal(c.type, type, name);
+    assert.match(c.message, message, name);
+    assert.equal(c.settingsUnchanged, true, `${name} changed cluster.settings`);
+  }
+  for (const name of ['valid-restart-true', 'valid-restart-object', 'valid-signals', 'valid-restart-false']) {
+    assert.equal(cases[name].threw, false, `${name} threw ${cases[name].message}`);
+    assert.equal(cases[name].settingsUnchanged, false, `${name} was not applied`);
+  }
+  one(result, 'empty-ok');
+});
