@@ -91,6 +91,13 @@ declare namespace cluster {
         /** Deprecated alias of `setupPrimary`, as in Node. */
         setupMaster(settings?: ClusterRsSettings): void;
 
+        /**
+         * cluster-rs only (value 3): every worker listens on its own SO_REUSEPORT
+         * socket and the kernel balances connections by hash. Linux; elsewhere
+         * it acts as SCHED_NONE.
+         */
+        readonly SCHED_REUSEPORT: number;
+
         /** Gracefully stop all workers; resolves once they have all exited. */
         shutdown(options?: ShutdownOptions): Promise<void>;
         /** Replace all workers one by one without dropping service; resolves when done. */

@@ -8,7 +8,7 @@ const cluster = createRequire(import.meta.url)('./index.js');
 export default cluster;
 
 export const {
-  SCHED_NONE, SCHED_RR, Worker, isMaster, isPrimary, isWorker,
+  SCHED_NONE, SCHED_RR, SCHED_REUSEPORT, Worker, isMaster, isPrimary, isWorker,
   fork, disconnect, setupPrimary, setupMaster, workers,
   shutdown, reload,
 } = cluster;

@@ -12,7 +12,7 @@
 //   node bench/run.js --impl node-rr,single --rounds 5 --duration 10
 //
 // Flags (each overrides the --quick / full default):
-//   --impl a,b,...      node-rr, node-none, rs-rr, rs-none, single (default all;
+//   --impl a,b,...      node-rr, node-none, rs-rr, rs-none, rs-reuseport, single (default all;
 //                       rs-* are skipped with a message if cluster-rs cannot be
 //                       loaded, i.e. the addon is not built yet)
 //   --rounds N          interleaved rounds; every impl runs once per round and
@@ -40,13 +40,14 @@ const path = require('node:path');
 
 const ROOT = path.resolve(__dirname, '..');
 const SERVER = path.join(__dirname, 'server.js');
-const ALL_IMPLS = ['node-rr', 'node-none', 'rs-rr', 'rs-none', 'single'];
+const ALL_IMPLS = ['node-rr', 'node-none', 'rs-rr', 'rs-none', 'rs-reuseport', 'single'];
 const ALL_SCENARIOS = ['close', 'keepalive', 'cpu'];
 const IMPL_DEF = {
   'node-rr': { impl: 'node', policy: 'rr' },
   'node-none': { impl: 'node', policy: 'none' },
   'rs-rr': { impl: 'rs', policy: 'rr' },
   'rs-none': { impl: 'rs', policy: 'none' },
+  'rs-reuseport': { impl: 'rs', policy: 'reuseport' },
   single: { impl: 'single', policy: null },
 };
 const SCENARIO_SCRIPT = {
@@ -569,7 +570,7 @@ function mdTable(cols, rows) {
 function xmlEsc(s) { return String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;'); }
 
 function svgChart(agg, impls, meta) {
-  const colors = { 'node-rr': '#7f7f7f', 'node-none': '#bcbcbc', 'rs-rr': '#d9480f', 'rs-none': '#f59f00', single: '#1c7ed6' };
+  const colors = { 'node-rr': '#7f7f7f', 'node-none': '#bcbcbc', 'rs-rr': '#d9480f', 'rs-none': '#f59f00', 'rs-reuseport': '#2f9e44', single: '#1c7ed6' };
   const groups = [];
   for (const r of agg.rows) {
     const key = `${r.scenario} · ${r.workersConfig}w`;

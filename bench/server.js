@@ -12,7 +12,7 @@
 //   BENCH_IMPL        node   -> require('node:cluster')
 //                     rs     -> require(BENCH_RS_PATH)  (cluster-rs)
 //                     single -> one plain process, no cluster at all
-//   BENCH_POLICY      rr | none  (also exported as NODE_CLUSTER_SCHED_POLICY
+//   BENCH_POLICY      rr | none | reuseport (cluster-rs only)  (also exported as NODE_CLUSTER_SCHED_POLICY
 //                     by the harness; here we additionally set
 //                     cluster.schedulingPolicy before the first fork())
 //   BENCH_WORKERS     number of workers
@@ -139,7 +139,8 @@ if (!isPrimary) {
 }
 
 // -------------------------------------------------------------- primary
-cluster.schedulingPolicy = POLICY === 'none' ? cluster.SCHED_NONE : cluster.SCHED_RR;
+cluster.schedulingPolicy = POLICY === 'none' ? cluster.SCHED_NONE :
+  POLICY === 'reuseport' ? cluster.SCHED_REUSEPORT : cluster.SCHED_RR;
 
 let shuttingDown = false;
 let startupT0 = 0;

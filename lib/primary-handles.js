@@ -103,4 +103,34 @@ class SharedHandle {
   }
 }
 
-module.exports = { RoundRobinHandle, SharedHandle };
+// SCHED_REUSEPORT (Linux): every worker gets its own listening socket on the
+// same port (SO_REUSEPORT); the kernel spreads connections over their accept
+// queues by connection hash, and the primary does nothing per connection.
+// The primary keeps no copy: a socket nobody accepts on would still get its
+// share of connections.
+class ReusePortHandle {
+  constructor(key, address, { port, flags }) {
+    this.key = key;
+    this.workers = new Map();
+    this.address = address || null;
+    this.port = port;
+    this.ipv6Only = Boolean(flags & UV_TCP_IPV6ONLY);
+  }
+
+  add(worker, send) {
+    const result = native.bindReusePort(this.address, this.port, this.ipv6Only);
+    if (result.errno) return send(result.errno, null, null);
+    const handle = serverHandle(result.fd);
+    if (typeof handle === 'number') return send(handle, null, null);
+    this.port = result.port; // listen(0): later workers join the same port
+    this.workers.set(worker.id, worker);
+    send(0, null, handle, () => handle.close());
+  }
+
+  remove(worker) {
+    if (!this.workers.delete(worker.id)) return false;
+    return this.workers.size === 0;
+  }
+}
+
+module.exports = { RoundRobinHandle, SharedHandle, ReusePortHandle };

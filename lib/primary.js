@@ -11,7 +11,7 @@ const { fork } = require('node:child_process');
 const native = require('./native.js');
 const Worker = require('./worker.js');
 const { sendControl, controlListener } = require('./protocol.js');
-const { RoundRobinHandle, SharedHandle } = require('./primary-handles.js');
+const { RoundRobinHandle, SharedHandle, ReusePortHandle } = require('./primary-handles.js');
 const { createSupervisor, validateSettings } = require('./supervisor.js');
 const { badPort, validatePort, systemError } = require('./errors.js');
 const env = require('./env.js');
@@ -20,6 +20,7 @@ const cluster = new EventEmitter();
 const intercom = new EventEmitter();
 const SCHED_NONE = 1;
 const SCHED_RR = 2;
+const SCHED_REUSEPORT = 3; // cluster-rs only; Linux (elsewhere it acts as SCHED_NONE)
 const PRELOAD = path.join(__dirname, 'preload.js');
 
 const handles = new Map();
@@ -40,10 +41,12 @@ cluster.workers = {};
 cluster.settings = {};
 cluster.SCHED_NONE = SCHED_NONE;
 cluster.SCHED_RR = SCHED_RR;
+cluster.SCHED_REUSEPORT = SCHED_REUSEPORT;
 
 let schedulingPolicy = process.env.NODE_CLUSTER_SCHED_POLICY;
 if (schedulingPolicy === 'rr') schedulingPolicy = SCHED_RR;
 else if (schedulingPolicy === 'none') schedulingPolicy = SCHED_NONE;
+else if (schedulingPolicy === 'reuseport') schedulingPolicy = SCHED_REUSEPORT;
 else schedulingPolicy = SCHED_RR;
 cluster.schedulingPolicy = schedulingPolicy;
 
@@ -71,7 +74,7 @@ cluster.setupPrimary = function setupPrimary(options) {
 
   initialized = true;
   schedulingPolicy = cluster.schedulingPolicy; // frozen from here on
-  if (schedulingPolicy !== SCHED_NONE && schedulingPolicy !== SCHED_RR) {
+  if (schedulingPolicy !== SCHED_NONE && schedulingPolicy !== SCHED_RR && schedulingPolicy !== SCHED_REUSEPORT) {
     const err = new Error(`Bad cluster.schedulingPolicy: ${schedulingPolicy}`);
     err.code = 'ERR_INTERNAL_ASSERTION';
     throw err;
@@ -300,20 +303,27 @@ function queryServer(worker, message) {
       address = path.relative(process.cwd(), address);
       if (message.address.length < address.length) address = message.address;
     }
-    const udp = message.addressType === 'udp4' || message.addressType === 'udp6';
-    handle = schedulingPolicy !== SCHED_RR || udp ?
-      new SharedHandle(key, address, message) :
-      new RoundRobinHandle(key, address, message);
+    handle = new (handleClassFor(message))(key, address, message);
     handles.set(key, handle);
   }
 
   if (!handle.data) handle.data = message.data;
 
-  handle.add(worker, (errno, reply, sendHandle) => {
+  handle.add(worker, (errno, reply, sendHandle, onSent) => {
     const { data } = handles.get(key);
     if (errno) handles.delete(key); // lets another worker try again
-    send(worker, { errno, key, ack: message.seq, data, ...reply }, sendHandle);
+    send(worker, { errno, key, ack: message.seq, data, ...reply }, sendHandle, undefined, onSent);
   });
+}
+
+// UDP is always shared: there is nothing to balance but datagrams.
+function handleClassFor(message) {
+  const udp = message.addressType === 'udp4' || message.addressType === 'udp6';
+  if (udp) return SharedHandle;
+  if (schedulingPolicy === SCHED_RR) return RoundRobinHandle;
+  const tcpPort = message.port >= 0 && !(message.fd >= 0);
+  if (schedulingPolicy === SCHED_REUSEPORT && tcpPort && process.platform === 'linux') return ReusePortHandle;
+  return SharedHandle;
 }
 
 function listening(worker, message) {
@@ -335,8 +345,8 @@ function close(worker, message) {
   if (handle && handle.remove(worker)) handles.delete(message.key);
 }
 
-function send(worker, message, handle, cb) {
-  return sendControl(worker.process, message, handle, cb);
+function send(worker, message, handle, cb, onSent) {
+  return sendControl(worker.process, message, handle, cb, onSent);
 }
 
 Worker.prototype.disconnect = function disconnect() {

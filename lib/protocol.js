@@ -8,13 +8,14 @@
 const callbacks = new Map();
 let seq = 0;
 
-// Sends a control message; `cb` runs when the other side answers with `ack`.
-function sendControl(proc, message, handle, cb) {
+// Sends a control message; `cb` runs when the other side answers with `ack`,
+// `onSent` once the message (and its handle) is written.
+function sendControl(proc, message, handle, cb, onSent) {
   if (!proc.connected) return false;
   message = { cmd: 'NODE_CLUSTER', ...message, seq };
   if (typeof cb === 'function') callbacks.set(seq, cb);
   seq += 1;
-  return proc.send(message, handle);
+  return proc.send(message, handle, onSent);
 }
 
 // An 'internalMessage' listener that routes acks to their callbacks and

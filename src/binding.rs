@@ -64,7 +64,7 @@ fn inet(host: Option<String>, port: u32, ipv6_only: bool, reuse_addr: bool) -> s
         Some(h) => Some(h.parse::<IpAddr>().map_err(|_| einval)?),
     };
     let port = u16::try_from(port).map_err(|_| einval)?;
-    Ok(InetSpec { host, port, ipv6_only, reuse_addr })
+    Ok(InetSpec { host, port, ipv6_only, reuse_addr, reuse_port: false })
 }
 
 fn register(listening: SysResult<Listening>) -> SocketResult {
@@ -114,6 +114,20 @@ pub fn listen_fd(fd: i32, backlog: i32) -> SocketResult {
 #[napi]
 pub fn bind_shared_tcp(host: Option<String>, port: u32, ipv6_only: bool) -> SocketResult {
     shared(inet(host, port, ipv6_only, false).and_then(|spec| sockets::bind_tcp(&spec)))
+}
+
+/// A bound TCP socket with SO_REUSEPORT, one per worker (SCHED_REUSEPORT);
+/// the returned fd belongs to the caller, and `port` tells the port bound.
+#[napi]
+pub fn bind_reuse_port(host: Option<String>, port: u32, ipv6_only: bool) -> SocketResult {
+    let run = || -> SysResult<SocketResult> {
+        let mut spec = inet(host, port, ipv6_only, false)?;
+        spec.reuse_port = true;
+        let fd = sockets::bind_tcp(&spec)?;
+        let port = sockets::sockname(&fd)?.map(|n| n.port as u32);
+        Ok(SocketResult { id: -1, fd: fd.into_raw_fd(), port, ..Default::default() })
+    };
+    run().unwrap_or_else(failed)
 }
 
 /// A bound UDP socket shared by workers; the returned fd belongs to the caller.

@@ -570,7 +570,7 @@ mod tests {
 
     fn setup(window: usize) -> (Dispatcher, u32, u16) {
         let d = Dispatcher::start(window).unwrap();
-        let spec = InetSpec { host: Some(Ipv4Addr::LOCALHOST.into()), port: 0, ipv6_only: false, reuse_addr: false };
+        let spec = InetSpec { host: Some(Ipv4Addr::LOCALHOST.into()), port: 0, ipv6_only: false, reuse_addr: false, reuse_port: false };
         let listening = sockets::listen_tcp(&spec, 64).unwrap();
         let port = sockets::sockname(&listening.fd).unwrap().unwrap().port;
         let id = d.next_id();

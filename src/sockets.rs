@@ -27,6 +27,8 @@ pub struct InetSpec {
     pub ipv6_only: bool,
     /// UDP only: `reuseAddr` of `dgram.createSocket`.
     pub reuse_addr: bool,
+    /// SO_REUSEPORT: one socket per worker on the same port (SCHED_REUSEPORT).
+    pub reuse_port: bool,
 }
 
 /// A listening socket plus the path to unlink when it closes (Unix sockets).
@@ -74,6 +76,9 @@ fn bind_inet(ty: SockType, addr: SocketAddr, spec: &InetSpec) -> SysResult<Owned
             // BSD needs SO_REUSEPORT for several UDP sockets on one port, as libuv does.
             socket::setsockopt(&fd, sockopt::ReusePort, &true).syscall("setsockopt")?;
         }
+    }
+    if spec.reuse_port {
+        socket::setsockopt(&fd, sockopt::ReusePort, &true).syscall("setsockopt")?;
     }
     if addr.is_ipv6() {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &spec.ipv6_only).syscall("setsockopt")?;
@@ -206,7 +211,7 @@ mod tests {
     use super::*;
 
     fn loopback(port: u16) -> InetSpec {
-        InetSpec { host: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), port, ipv6_only: false, reuse_addr: false }
+        InetSpec { host: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), port, ipv6_only: false, reuse_addr: false, reuse_port: false }
     }
 
     #[test]
@@ -254,6 +259,19 @@ mod tests {
         assert_eq!(sockname(&b).unwrap().unwrap().port, spec.port);
         spec.reuse_addr = false;
         assert_eq!(bind_udp(&spec).unwrap_err().errno, Errno::EADDRINUSE);
+    }
+
+    #[test]
+    fn reuse_port_sockets_share_a_port_and_listen_independently() {
+        let mut spec = loopback(0);
+        spec.reuse_port = true;
+        let a = bind_tcp(&spec).unwrap();
+        spec.port = sockname(&a).unwrap().unwrap().port;
+        let b = bind_tcp(&spec).unwrap();
+        start_listening(&a, 8).unwrap();
+        start_listening(&b, 8).unwrap();
+        spec.reuse_port = false;
+        assert_eq!(bind_tcp(&spec).unwrap_err().errno, Errno::EADDRINUSE);
     }
 
     #[test]
