@@ -2,7 +2,6 @@
 //! counters, and `{ errno, syscall }` for failures, which `lib/errors.js`
 //! turns into Node-shaped errors in one place.
 
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
@@ -59,12 +58,12 @@ fn dispatcher() -> SysResult<&'static Dispatcher> {
 
 fn inet(host: Option<String>, port: u32, ipv6_only: bool, reuse_addr: bool) -> std::result::Result<InetSpec, SysError> {
     let einval = SysError { syscall: "bind", errno: nix::errno::Errno::EINVAL };
-    let host = match host.as_deref() {
-        None | Some("") => None,
-        Some(h) => Some(h.parse::<IpAddr>().map_err(|_| einval)?),
+    let (host, scope_id) = match host.as_deref() {
+        None | Some("") => (None, 0),
+        Some(h) => sockets::parse_host(h).map(|(ip, scope)| (Some(ip), scope)).ok_or(einval)?,
     };
     let port = u16::try_from(port).map_err(|_| einval)?;
-    Ok(InetSpec { host, port, ipv6_only, reuse_addr, reuse_port: false })
+    Ok(InetSpec { host, scope_id, port, ipv6_only, reuse_addr, reuse_port: false })
 }
 
 fn register(listening: SysResult<Listening>) -> SocketResult {
@@ -145,10 +144,11 @@ pub fn bind_shared_unix(path: String, readable_all: bool, writable_all: bool) ->
     }))
 }
 
+/// Closes a round-robin listener; returns once its socket is closed.
 #[napi]
 pub fn close_listener(id: u32) {
     if let Some(d) = DISPATCHER.get() {
-        d.send(Command::CloseListener { id });
+        d.close_listener(id);
     }
 }
 

@@ -38,7 +38,8 @@ pub enum Command {
     RemoveChannel { id: u32 },
     AddListener { id: u32, listening: Listening },
     /// No worker listens any more: close the socket and what waits on it.
-    CloseListener { id: u32 },
+    /// `done` hears once it is closed, so the port can be bound again at once.
+    CloseListener { id: u32, done: Option<mpsc::SyncSender<()>> },
     Stats { reply: mpsc::SyncSender<Vec<ChannelStats>> },
 }
 
@@ -97,6 +98,13 @@ impl Dispatcher {
                 self.wake_up();
             }
         }
+    }
+
+    /// Closes a listener and returns once the socket is closed.
+    pub fn close_listener(&self, id: u32) {
+        let (done, closed) = mpsc::sync_channel(1);
+        self.send(Command::CloseListener { id, done: Some(done) });
+        let _ = closed.recv();
     }
 
     pub fn stats(&self) -> Vec<ChannelStats> {
@@ -300,9 +308,12 @@ impl Loop {
                     pending: VecDeque::new(),
                 });
             }
-            Command::CloseListener { id } => {
+            Command::CloseListener { id, done } => {
                 self.listeners.remove(&id);
                 self.starved = false;
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
             }
             Command::Stats { reply } => {
                 let mut all: Vec<ChannelStats> = self
@@ -379,14 +390,14 @@ impl Loop {
         let mut buf = [0u8; RECORD_LEN * 64];
         loop {
             let mut fds = Vec::new();
-            match wire::recv(c.fd.as_raw_fd(), &mut buf, &mut fds) {
+            match wire::recv(c.fd.as_raw_fd(), &mut buf, &mut fds).map(|r| r.bytes) {
                 Ok(0) => {
                     c.broken = true;
                     break;
                 }
                 // Descriptors from a worker are never expected; the decoder drops them.
                 Ok(n) => {
-                    c.decoder.push(&buf[..n], fds);
+                    c.decoder.push(&buf[..n], fds, false);
                     // A short read emptied the socket; poll is level-triggered,
                     // so a further read would only return EAGAIN.
                     if n < buf.len() {
@@ -570,7 +581,7 @@ mod tests {
 
     fn setup(window: usize) -> (Dispatcher, u32, u16) {
         let d = Dispatcher::start(window).unwrap();
-        let spec = InetSpec { host: Some(Ipv4Addr::LOCALHOST.into()), port: 0, ipv6_only: false, reuse_addr: false, reuse_port: false };
+        let spec = InetSpec { host: Some(Ipv4Addr::LOCALHOST.into()), scope_id: 0, port: 0, ipv6_only: false, reuse_addr: false, reuse_port: false };
         let listening = sockets::listen_tcp(&spec, 64).unwrap();
         let port = sockets::sockname(&listening.fd).unwrap().unwrap().port;
         let id = d.next_id();
@@ -695,10 +706,10 @@ mod tests {
         let _held = connect(port);
         a.next(); // fills the window of one
         let mut waiting = connect(port);
-        d.send(Command::CloseListener { id: l });
+        d.close_listener(l);
         let mut buf = [0u8; 1];
         // Either reset or end of stream: the client is not left hanging.
         assert!(matches!(waiting.read(&mut buf), Ok(0) | Err(_)));
-        wait_for(|| TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err());
+        assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err(), "closed at once");
     }
 }

@@ -3,7 +3,7 @@
 //! workers under SCHED_NONE. Behaves like libuv's `uv_tcp_bind`/`uv_pipe_bind`
 //! so that errors and socket options match what a Node server would get.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
@@ -23,6 +23,8 @@ pub const DEFAULT_BACKLOG: i32 = 511;
 pub struct InetSpec {
     /// `None` means "any address": dual-stack `::`, or `0.0.0.0` where IPv6 is missing.
     pub host: Option<IpAddr>,
+    /// The interface of a scoped IPv6 address (`fe80::1%eth0`), or 0.
+    pub scope_id: u32,
     pub port: u16,
     pub ipv6_only: bool,
     /// UDP only: `reuseAddr` of `dgram.createSocket`.
@@ -47,6 +49,37 @@ impl UnlinkOnDrop {
     pub fn disarm(&mut self) {
         self.0 = None;
     }
+}
+
+/// The name of interface `index`, or the number itself when it has none.
+pub fn interface_name(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return index.to_string();
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+/// Parses a host as Node accepts it, including an IPv6 zone (`fe80::1%eth0`
+/// or `fe80::1%2`). `None` when it is not an IP address or the zone is unknown.
+pub fn parse_host(host: &str) -> Option<(IpAddr, u32)> {
+    let (ip, zone) = match host.split_once('%') {
+        Some((ip, zone)) => (ip, Some(zone)),
+        None => (host, None),
+    };
+    let ip: IpAddr = ip.parse().ok()?;
+    let scope = match zone {
+        None => 0,
+        Some(_) if ip.is_ipv4() => return None,
+        Some(z) => match z.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => nix::net::if_::if_nametoindex(z).ok()?,
+        },
+    };
+    Some((ip, scope))
 }
 
 impl Drop for UnlinkOnDrop {
@@ -91,14 +124,19 @@ fn bind_inet(ty: SockType, addr: SocketAddr, spec: &InetSpec) -> SysResult<Owned
     Ok(fd)
 }
 
-/// Binds like Node does when no host is given: `::` first, `0.0.0.0` if that fails.
+/// Binds like Node does when no host is given: `::` first, `0.0.0.0` where
+/// IPv6 fails. A port in use is not such a failure (libuv reports it, it does
+/// not fall back), so EADDRINUSE is returned as it is.
 fn bind_any(ty: SockType, spec: &InetSpec) -> SysResult<OwnedFd> {
     match spec.host {
+        Some(IpAddr::V6(v6)) => bind_inet(ty, SocketAddr::V6(SocketAddrV6::new(v6, spec.port, 0, spec.scope_id)), spec),
         Some(ip) => bind_inet(ty, SocketAddr::new(ip, spec.port), spec),
-        None => bind_inet(ty, SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), spec.port), spec)
-            .or_else(|_| {
+        None => match bind_inet(ty, SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), spec.port), spec) {
+            Err(e) if e.errno != Errno::EADDRINUSE => {
                 bind_inet(ty, SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), spec.port), spec)
-            }),
+            }
+            other => other,
+        },
     }
 }
 
@@ -200,7 +238,12 @@ pub fn sockname(fd: &OwnedFd) -> SysResult<Option<SockName>> {
         return Ok(Some(SockName { address: v4.ip().to_string(), family: "IPv4", port: v4.port() }));
     }
     if let Some(v6) = storage.as_sockaddr_in6() {
-        return Ok(Some(SockName { address: v6.ip().to_string(), family: "IPv6", port: v6.port() }));
+        let mut address = v6.ip().to_string();
+        // Like Node, name the interface of a link-local address: fe80::1%eth0.
+        if v6.ip().segments()[0] & 0xffc0 == 0xfe80 && v6.scope_id() != 0 {
+            address = format!("{address}%{}", interface_name(v6.scope_id()));
+        }
+        return Ok(Some(SockName { address, family: "IPv6", port: v6.port() }));
     }
     let _ = storage.family();
     Ok(None)
@@ -211,7 +254,7 @@ mod tests {
     use super::*;
 
     fn loopback(port: u16) -> InetSpec {
-        InetSpec { host: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), port, ipv6_only: false, reuse_addr: false, reuse_port: false }
+        InetSpec { host: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), scope_id: 0, port, ipv6_only: false, reuse_addr: false, reuse_port: false }
     }
 
     #[test]
@@ -259,6 +302,16 @@ mod tests {
         assert_eq!(sockname(&b).unwrap().unwrap().port, spec.port);
         spec.reuse_addr = false;
         assert_eq!(bind_udp(&spec).unwrap_err().errno, Errno::EADDRINUSE);
+    }
+
+    #[test]
+    fn hosts_parse_with_and_without_a_zone() {
+        assert_eq!(parse_host("127.0.0.1"), Some((IpAddr::V4(Ipv4Addr::LOCALHOST), 0)));
+        assert_eq!(parse_host("fe80::1%7"), Some(("fe80::1".parse().unwrap(), 7)));
+        assert_eq!(parse_host("fe80::1%lo").map(|(_, s)| s), nix::net::if_::if_nametoindex("lo").ok());
+        assert_eq!(parse_host("fe80::1%no-such-interface0"), None);
+        assert_eq!(parse_host("127.0.0.1%1"), None);
+        assert_eq!(parse_host("localhost"), None);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! first byte of the `sendmsg` that carries their records, so they never arrive
 //! later than their records; the receiver keeps them in a FIFO and pairs each
 //! `Conn` record with the next one. That pairing survives any split of the byte
-//! stream, including a short write.
+//! stream, including a short write. When the receiver could not take every
+//! descriptor (out of fds: the kernel truncates `SCM_RIGHTS`), the records
+//! that lost theirs are marked, so they can be declined instead of mispaired.
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut};
@@ -67,20 +69,43 @@ impl Record {
 #[derive(Default)]
 pub struct Decoder {
     bytes: Vec<u8>,
-    fds: VecDeque<OwnedFd>,
+    /// Descriptors in arrival order; `None` stands for one the kernel dropped.
+    fds: VecDeque<Option<OwnedFd>>,
 }
 
-/// A decoded record, with its descriptor when it is a `Conn`.
+/// A decoded record. A `Conn` has its descriptor, or `None` when it was lost
+/// to a truncated `SCM_RIGHTS` message.
 #[derive(Debug)]
 pub struct Incoming {
     pub record: Record,
     pub fd: Option<OwnedFd>,
 }
 
+/// What one `recv` read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub bytes: usize,
+    /// Some descriptors of this read were dropped (MSG_CTRUNC).
+    pub truncated: bool,
+}
+
 impl Decoder {
-    pub fn push(&mut self, bytes: &[u8], fds: Vec<OwnedFd>) {
+    /// Adds one read. Its descriptors belong to the `Conn` records that begin
+    /// in it; after a truncated read the ones without a descriptor are marked.
+    pub fn push(&mut self, bytes: &[u8], fds: Vec<OwnedFd>, truncated: bool) {
+        let start = self.bytes.len();
         self.bytes.extend_from_slice(bytes);
-        self.fds.extend(fds);
+        let got = fds.len();
+        self.fds.extend(fds.into_iter().map(Some));
+        if truncated {
+            // The buffer starts on a record boundary, so records begin at multiples of RECORD_LEN.
+            let first = start.div_ceil(RECORD_LEN) * RECORD_LEN;
+            let conns = (first..self.bytes.len())
+                .step_by(RECORD_LEN)
+                .filter(|&at| self.bytes.get(at..at + 4).is_some_and(|k| k == CONN.to_ne_bytes()))
+                .count();
+            self.fds.extend((got..conns).map(|_| None));
+        }
     }
 
     /// Decodes every whole record received so far.
@@ -90,8 +115,8 @@ impl Decoder {
             let Some(record) = Record::decode(chunk.try_into().unwrap()) else { continue };
             let fd = match record {
                 Record::Conn { .. } => match self.fds.pop_front() {
-                    Some(fd) => Some(fd),
-                    None => continue, // a Conn without a descriptor is malformed: skip it
+                    Some(fd) => fd,
+                    None => continue, // a Conn nobody sent a descriptor for is malformed: skip it
                 },
                 _ => None,
             };
@@ -111,9 +136,10 @@ pub fn send(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> SysResult<usize> {
     socket::sendmsg::<()>(fd, &iov, cmsgs, MsgFlags::MSG_DONTWAIT, None).syscall("sendmsg")
 }
 
-/// Reads what is there (blocking or not, as the socket is). `Ok(0)` is end of stream.
-/// Received fds are owned and close-on-exec before anything else sees them.
-pub fn recv(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> SysResult<usize> {
+/// Reads what is there (blocking or not, as the socket is); zero bytes is end
+/// of stream. Received fds are owned and close-on-exec before anything else
+/// sees them.
+pub fn recv(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> SysResult<Received> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MSG]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = socket::recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), sys::recv_cloexec_flags())
@@ -125,11 +151,9 @@ pub fn recv(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> SysResult<usiz
             }
         }
     }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        // Our peer never sends more than MAX_FDS_PER_MSG; anything else is not ours.
-        return Err(sys::SysError { syscall: "recvmsg", errno: nix::errno::Errno::EMSGSIZE });
-    }
-    Ok(msg.bytes)
+    // Our peer never sends more than MAX_FDS_PER_MSG, so truncation means we
+    // had no descriptors left to receive into.
+    Ok(Received { bytes: msg.bytes, truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC) })
 }
 
 #[cfg(test)]
@@ -172,7 +196,7 @@ mod tests {
         bytes.extend(encode_all(&[Record::Conn { listener: 1, seq: 1 }])); // no fd for it
         bytes.extend(encode_all(&[Record::Gone { listener: 1 }]));
         let mut d = Decoder::default();
-        d.push(&bytes, vec![]);
+        d.push(&bytes, vec![], false);
         let mut out = Vec::new();
         d.drain(&mut out);
         let got: Vec<Record> = out.iter().map(|i| i.record).collect();
@@ -199,9 +223,9 @@ mod tests {
         while total < bytes.len() {
             let mut buf = [0u8; 64];
             let mut got = Vec::new();
-            let n = recv(sb.as_raw_fd(), &mut buf, &mut got).unwrap();
+            let n = recv(sb.as_raw_fd(), &mut buf, &mut got).unwrap().bytes;
             total += n;
-            d.push(&buf[..n], got);
+            d.push(&buf[..n], got, false);
             d.drain(&mut out);
         }
         assert_eq!(out.len(), 3);
@@ -220,10 +244,40 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_read_marks_the_conns_that_lost_their_fd() {
+        let (a, _b) = sys::stream_pair().unwrap();
+        let mut d = Decoder::default();
+        // A split record from before: its fd came with the earlier read.
+        let before = encode_all(&[Record::Conn { listener: 1, seq: 1 }]);
+        d.push(&before[..5], vec![a], false);
+        // This read completes it and brings three more Conns, but only one fd.
+        let (x, _y) = sys::stream_pair().unwrap();
+        let mut rest = before[5..].to_vec();
+        rest.extend(encode_all(&[
+            Record::Conn { listener: 1, seq: 2 },
+            Record::Ready { listener: 1 },
+            Record::Conn { listener: 1, seq: 3 },
+            Record::Conn { listener: 1, seq: 4 },
+        ]));
+        // Only records that begin in this read count: the split one does not.
+        d.push(&rest, vec![x], true);
+        let mut out = Vec::new();
+        d.drain(&mut out);
+        let fds: Vec<(Record, bool)> = out.iter().map(|i| (i.record, i.fd.is_some())).collect();
+        assert_eq!(fds, vec![
+            (Record::Conn { listener: 1, seq: 1 }, true),
+            (Record::Conn { listener: 1, seq: 2 }, true),
+            (Record::Ready { listener: 1 }, false),
+            (Record::Conn { listener: 1, seq: 3 }, false),
+            (Record::Conn { listener: 1, seq: 4 }, false),
+        ]);
+    }
+
+    #[test]
     fn recv_reports_end_of_stream() {
         let (a, b) = sys::stream_pair().unwrap();
         drop(a);
         let mut buf = [0u8; 16];
-        assert_eq!(recv(b.as_raw_fd(), &mut buf, &mut Vec::new()).unwrap(), 0);
+        assert_eq!(recv(b.as_raw_fd(), &mut buf, &mut Vec::new()).unwrap().bytes, 0);
     }
 }

@@ -47,11 +47,11 @@ impl WorkerChannel {
         loop {
             let mut fds = Vec::new();
             match wire::recv(self.fd.as_raw_fd(), &mut buf, &mut fds) {
-                Ok(0) => {
+                Ok(r) if r.bytes == 0 => {
                     open = false;
                     break;
                 }
-                Ok(n) => decoder.push(&buf[..n], fds),
+                Ok(r) => decoder.push(&buf[..r.bytes], fds, r.truncated),
                 Err(e) if e.errno == Errno::EINTR => continue,
                 Err(e) if sys::would_block(e.errno) => break,
                 Err(e) => return Err(e),
@@ -59,12 +59,27 @@ impl WorkerChannel {
         }
         let mut incoming = Vec::new();
         decoder.drain(&mut incoming);
-        let mut unsettled = self.unsettled.lock().unwrap();
-        for Incoming { record, fd } in incoming {
-            if let (Record::Conn { listener, seq }, Some(fd)) = (record, fd) {
-                batch.extend_from_slice(&[listener, seq, fd.as_raw_fd() as u32]);
-                unsettled.insert(seq, fd);
+        drop(decoder);
+        let mut lost = Vec::new();
+        {
+            let mut unsettled = self.unsettled.lock().unwrap();
+            for Incoming { record, fd } in incoming {
+                match (record, fd) {
+                    (Record::Conn { listener, seq }, Some(fd)) => {
+                        batch.extend_from_slice(&[listener, seq, fd.as_raw_fd() as u32]);
+                        unsettled.insert(seq, fd);
+                    }
+                    // We had no descriptor to receive it into: the primary still
+                    // holds the connection and gives it to another worker.
+                    (Record::Conn { seq, .. }, None) => lost.push(seq),
+                    _ => {}
+                }
             }
+        }
+        if !lost.is_empty() {
+            let mut bytes = Vec::with_capacity(lost.len() * RECORD_LEN);
+            lost.iter().for_each(|&seq| Record::Ack { seq, accepted: false }.encode(&mut bytes));
+            self.write_all(&bytes)?;
         }
         Ok(open)
     }

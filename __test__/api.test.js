@@ -1,0 +1,226 @@
+'use strict';
+// API surface: flags, settings and how they reach workers, stdio,
+// serialization, handles, lifecycle predicates, scheduling policy, bad input
+// and the ESM entry. Most cases run against node:cluster as well.
+
+const { test, after } = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const { runOk, runPrimary, one, killAll, tmpdir } = require('./helpers.js');
+
+after(killAll);
+
+const both = (fixture, args, options = {}) => Promise.all([
+  runOk(fixture, args, { ...options, module: 'rs' }),
+  runOk(fixture, args, { ...options, module: 'node' }),
+]);
+
+test('settings after setupPrimary reach the worker (exec, args, execArgv, cwd, env, silent)', async () => {
+  const cwd = fs.realpathSync(tmpdir());
+  try {
+    const [rs, node] = await both('settings.js', ['silent', cwd]);
+    const strip = (r) => r.messages.map((m) => JSON.stringify(m).replaceAll(cwd, '<cwd>'));
+    assert.deepEqual(strip(rs), strip(node));
+
+    assert.deepEqual(one(rs, 'before'), {
+      ev: 'before', settings: {}, SCHED_RR: 2, SCHED_NONE: 1, setupMasterIsSetupPrimary: true,
+    });
+    const expected = {
+      args: ['a', 'b c'], exec: 'report-worker.js', execArgv: ['--max-old-space-size=64'], silent: true, cwd,
+    };
+    assert.deepEqual(one(rs, 'after-setup').settings, expected);
+    // A second call merges into what is there.
+    assert.deepEqual(one(rs, 'after-second-setup').settings, { ...expected, args: ['x', 'y'] });
+    assert.deepEqual(one(rs, 'stdio'), { ev: 'stdio', stdin: 'object', stdoutReadable: true, stderrReadable: true });
+
+    const done = one(rs, 'done');
+    assert.equal(done.code, 0);
+    // 'setup' once per setupPrimary() call, plus once for the one inside fork().
+    assert.equal(done.setups.length, 3);
+    assert.deepEqual(done.setups[0], expected);
+    assert.deepEqual(done.report, {
+      ev: 'report', args: ['x', 'y'], execArgv: ['--max-old-space-size=64'], cwd, extra: 'extra value',
+      leftovers: [], isWorker: true, builtinIsWorker: true, builtinWorkerId: 1, id: 1, stdin: 'Socket',
+    });
+    assert.equal(done.stderr, 'to stderr\n');
+    // silent: nothing of the worker's reached the primary's own stdout.
+    assert.ok(!rs.lines.some((l) => l.includes('"ev":"report"') && !l.includes('"ev":"done"')));
+  } finally {
+    fs.rmSync(cwd, { recursive: true, force: true });
+  }
+});
+
+test('settings.stdio: an explicit stdio array is used as given', async () => {
+  const [rs, node] = await both('settings.js', ['stdio']);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.deepEqual(one(rs, 'stdio'), { ev: 'stdio', stdin: null, stdoutReadable: true, stderrReadable: true });
+  const done = one(rs, 'done');
+  assert.deepEqual(done.report.args, ['x', 'y']);
+  assert.deepEqual(done.report.execArgv, []);
+  assert.equal(done.report.stdin, 'ReadStream');
+  assert.equal(done.stderr, 'to stderr\n');
+});
+
+test("serialization: 'advanced' carries Map, Set, BigInt and Date both ways", async () => {
+  const [rs, node] = await both('api.js', ['advanced']);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.deepEqual(one(rs, 'advanced'), {
+    ev: 'advanced', mapIsMap: true, entries: [['1', 'string', 'one'], ['two', 'bigint', '2']], setIsSet: true,
+    big: 'bigint', bigValue: String(2n ** 70n), date: true, workerSawMap: true,
+  });
+});
+
+test('worker.send(msg, handle) with a net.Server and a net.Socket; message event with a handle', async () => {
+  const [rs, node] = await both('api.js', ['handles']);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.deepEqual(one(rs, 'handles'), {
+    ev: 'handles', viaServer: 'worker 1', viaSocket: 'socket handled by worker 1',
+    received: { id: 1, m: 'here', type: 'Server', listening: true },
+  });
+});
+
+test('isConnected()/isDead() through a worker\'s life and cluster.disconnect(cb)', async () => {
+  const [rs, node] = await both('api.js', ['lifecycle']);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.deepEqual(one(rs, 'lifecycle'), {
+    ev: 'lifecycle',
+    states: [
+      'forked:1:true:false:none', 'forked:2:true:false:none',
+      'listening:1:true:false:listening', 'listening:2:true:false:listening',
+      'disconnect-cb:0', 'exited:1:false:true:dead', 'exited:2:false:true:dead', 'empty-disconnect-cb:sync=false',
+    ],
+    ead: [true, true],
+  });
+});
+
+test('schedulingPolicy: default, NODE_CLUSTER_SCHED_POLICY=rr|none, and assignment before fork', async () => {
+  const cases = [
+    { env: {}, args: ['policy', 'x'], before: 2, after: 2, fd: 'undefined' },
+    { env: { NODE_CLUSTER_SCHED_POLICY: 'rr' }, args: ['policy', 'x'], before: 2, after: 2, fd: 'undefined' },
+    { env: { NODE_CLUSTER_SCHED_POLICY: 'none' }, args: ['policy', 'x'], before: 1, after: 1, fd: 'number' },
+    { env: { NODE_CLUSTER_SCHED_POLICY: 'bogus' }, args: ['policy', 'x'], before: 2, after: 2, fd: 'undefined' },
+    { env: {}, args: ['policy', 'assign-none'], before: 2, after: 1, fd: 'number' },
+  ];
+  await Promise.all(cases.map(async (c) => {
+    const [rs, node] = await both('api.js', c.args, { env: c.env });
+    const a = one(rs, 'policy');
+    const b = one(node, 'policy');
+    assert.deepEqual({ ...a, stats: null }, b, JSON.stringify(c));
+    // Round-robin workers get a stand-in handle; SCHED_NONE ones a real socket.
+    assert.deepEqual([a.before, a.after, a.report.fd], [c.before, c.after, c.fd], JSON.stringify(c));
+    // Only round-robin workers have a native channel.
+    assert.equal(a.stats, c.after === 2 ? 1 : 0);
+  }));
+});
+
+test('disconnect() and kill() right after fork(), before the worker is online', async () => {
+  const [rs, node] = await both('api.js', ['early']);
+  const a = one(rs, 'early');
+  const b = one(node, 'early');
+  assert.deepEqual(a.first, b.first);
+  assert.deepEqual([...a.second].sort(), [...b.second].sort());
+  assert.deepEqual(a.first, ['1:online:online:true:', '1:disconnect:disconnected:true:', '1:exit:dead:true:0,']);
+  assert.deepEqual([...a.second].sort(), ['2:disconnect:disconnected:false:', '2:exit:dead:false:,SIGTERM']);
+  assert.deepEqual(a.workers, []);
+});
+
+test('--inspect in execArgv: inspectPort() is asked once per worker; each worker runs an inspector', async () => {
+  const [rs, node] = await both('api.js', ['inspect']);
+  assert.deepEqual(rs.messages, node.messages);
+  const report = { execArgv: ['--inspect=127.0.0.1:0', '--inspect-port=0'], inspector: true };
+  assert.deepEqual(one(rs, 'inspect'), { ev: 'inspect', calls: 2, reports: [report, report] });
+});
+
+test('in a worker of a node:cluster primary, cluster-rs is node:cluster', async () => {
+  const r = one(await runOk('mixed.js'), 'result');
+  assert.deepEqual(r, {
+    ev: 'result', report: { same: true, isWorker: true, id: 1, preloaded: false }, body: 'worker 1',
+  });
+});
+
+test('fork() with inspectPort: null throws ERR_SOCKET_BAD_PORT', async () => {
+  const [rs, node] = await both('bad-input.js', ['inspect-null']);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.deepEqual(one(rs, 'result'), {
+    ev: 'result', threw: true, code: 'ERR_SOCKET_BAD_PORT', name: 'RangeError', type: 'RangeError',
+    message: 'Port should be >= 0 and < 65536. Received null.', workers: 0,
+  });
+});
+
+test("fork() with inspectPort: 'x' and --inspect throws ERR_SOCKET_BAD_PORT", async () => {
+  const [rs, node] = await both('bad-input.js', ['inspect-string']);
+  assert.deepEqual(rs.messages, node.messages);
+  const r = one(rs, 'result');
+  assert.equal(r.code, 'ERR_SOCKET_BAD_PORT');
+  assert.equal(r.message, "Port should be >= 0 and < 65536. Received type string ('x').");
+  assert.equal(r.workers, 0);
+});
+
+test('fork() with an invalid schedulingPolicy throws', async () => {
+  const [rs, node] = await both('bad-input.js', ['bad-policy']);
+  const a = one(rs, 'result');
+  const b = one(node, 'result');
+  assert.equal(a.threw, true);
+  assert.equal(a.code, b.code);
+  assert.equal(a.code, 'ERR_INTERNAL_ASSERTION');
+  assert.match(a.message, /^Bad cluster\.schedulingPolicy: 42/);
+  assert.equal(a.workers, 0);
+});
+
+test('fork() with a stdio array lacking ipc throws ERR_CHILD_PROCESS_IPC_REQUIRED', async () => {
+  const [rs, node] = await both('bad-input.js', ['stdio-no-ipc']);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.equal(one(rs, 'result').code, 'ERR_CHILD_PROCESS_IPC_REQUIRED');
+});
+
+test('worker.send() without a message throws ERR_MISSING_ARGS', async () => {
+  const [rs, node] = await both('bad-input.js', ['send-nothing']);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.equal(one(rs, 'result').code, 'ERR_MISSING_ARGS');
+});
+
+test('fork() of a missing exec: the worker exits with a non-zero code', async () => {
+  const [rs, node] = await both('bad-input.js', ['missing-exec']);
+  assert.deepEqual(rs.messages, node.messages);
+  const r = one(rs, 'result');
+  assert.notEqual(r.code, 0);
+  assert.equal(r.signal, null);
+  assert.equal(r.ead, false);
+  assert.match(rs.stderr, /Cannot find module/);
+});
+
+test('malformed control messages are ignored by worker and primary', async () => {
+  const [rs, node] = await both('bad-input.js', ['malformed-control']);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.deepEqual(one(rs, 'result'), {
+    ev: 'result', reply: 'junk sent', before: 'ok 1', after: ['ok 1', 'ok 1', 'ok 1'], state: 'listening',
+    connected: true, workers: ['1'],
+  });
+});
+
+test('junk records on the native channel are ignored', async () => {
+  const rs = await runOk('bad-input.js', ['native-garbage']);
+  const r = one(rs, 'result');
+  assert.deepEqual(r.reply, { wrote: 48, fd: true });
+  assert.deepEqual(r.after, ['ok 1', 'ok 1', 'ok 1', 'ok 1']);
+  assert.deepEqual(r.stats['1'], { handed: 4, accepted: 4, declined: 0, held: 0 });
+});
+
+test('ESM entry: default and named exports in primary and worker; settings is live', async () => {
+  const rs = await runOk('esm.mjs');
+  assert.deepEqual(one(rs, 'primary'), {
+    ev: 'primary', isPrimary: true, isWorker: false, isMaster: true, sameAsRequire: true, workersSame: true,
+    listed: ['1'], before: {}, settingsArgs: ['from-esm'], settingsLive: true, schedulingPolicy: 2, SCHED_RR: 2,
+    SCHED_NONE: 1, worker: 'undefined', forkIsFunction: 'function',
+  });
+  assert.deepEqual(one(rs, 'from-worker'), {
+    ev: 'from-worker', isPrimary: false, isWorker: true, isMaster: false, args: ['from-esm'], id: 1,
+    sameWorker: true, fork: 'undefined', workers: 'undefined', port: true,
+  });
+  assert.deepEqual(one(rs, 'listening'), { ev: 'listening', id: 1, addressType: 4 });
+});
+
+test('a failing fixture is reported, not hidden (sanity check of the harness)', async () => {
+  const r = await runPrimary('bad-input.js', ['no-such-mode']);
+  assert.notEqual(r.code, 0);
+});

@@ -1,0 +1,127 @@
+'use strict';
+// Other kinds of servers in workers: Unix sockets, listen({ fd }), TLS and
+// UDP, compared with node:cluster.
+
+const { test, after } = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const net = require('node:net');
+const path = require('node:path');
+const { runOk, one, killAll, tmpdir, makeCert } = require('./helpers.js');
+
+after(killAll);
+
+const both = (fixture, args, options = {}) => Promise.all([
+  runOk(fixture, args, { ...options, module: 'rs' }),
+  runOk(fixture, args, { ...options, module: 'node' }),
+]);
+
+for (const policy of ['rr', 'none']) {
+  test(`HTTP over Unix sockets, absolute and relative paths (${policy})`, async () => {
+    const dirs = [fs.realpathSync(tmpdir()), fs.realpathSync(tmpdir())];
+    try {
+      const env = { NODE_CLUSTER_SCHED_POLICY: policy };
+      const [rs, node] = await Promise.all([
+        runOk('unix.js', [dirs[0]], { env }),
+        runOk('unix.js', [dirs[1]], { env, module: 'node' }),
+      ]);
+      const a = one(rs, 'result');
+      const b = one(node, 'result');
+      for (const r of [a, b]) {
+        assert.deepEqual(r.listening, ['1:-1:-1:abs.sock', '1:-1:-1:rel.sock', '2:-1:-1:abs.sock', '2:-1:-1:rel.sock']);
+        assert.equal(r.isSocket, true);
+        assert.deepEqual(r.left, [false, false], 'socket files removed once the workers are gone');
+        for (const which of ['abs', 'rel']) {
+          assert.equal(r.served[which].length, 4);
+          assert.ok(r.served[which].every((id) => id === '1' || id === '2'));
+        }
+      }
+      if (policy === 'rr') {
+        assert.deepEqual(a, b);
+        assert.deepEqual(a.served, { abs: ['1', '1', '2', '2'], rel: ['1', '1', '2', '2'] });
+        assert.equal(a.mode, '777', 'readableAll + writableAll');
+      } else {
+        // node:cluster ignores readableAll/writableAll for shared (SCHED_NONE)
+        // pipes (net.js chmods only when the handle exists synchronously);
+        // cluster-rs applies them. Not compared.
+        assert.equal(a.mode, '777');
+      }
+    } finally {
+      for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
+
+test('a Unix socket path longer than sun_path works through the relative path', async () => {
+  const base = fs.realpathSync(tmpdir());
+  const dirs = ['rs', 'node'].map((m) => path.join(base, m, 'd'.repeat(110)));
+  for (const dir of dirs) fs.mkdirSync(dir, { recursive: true });
+  try {
+    const [rs, node] = await Promise.all([
+      runOk('unix-long.js', [], { cwd: dirs[0] }),
+      runOk('unix-long.js', [], { cwd: dirs[1], module: 'node' }),
+    ]);
+    for (const result of [rs, node]) {
+      const r = one(result, 'result');
+      assert.ok(r.length > 108, `${r.length}`);
+      assert.deepEqual(r.bodies, ['1', '1', '2', '2']);
+    }
+  } finally {
+    fs.rmSync(base, { recursive: true, force: true });
+  }
+});
+
+for (const policy of ['rr', 'none']) {
+  test(`listen({ fd }) with a listening socket the primary was given (${policy})`, async () => {
+    // Our own listening socket becomes each primary's fd 3; then we close our
+    // copy, so only the clusters accept on it.
+    const servers = [net.createServer((c) => c.end('test runner')), net.createServer((c) => c.end('test runner'))];
+    await Promise.all(servers.map((s) => new Promise((resolve) => s.listen(0, '127.0.0.1', resolve))));
+    const env = { NODE_CLUSTER_SCHED_POLICY: policy };
+    const [rs, node] = await Promise.all(['rs', 'node'].map((module, i) => runOk('listen-fd.js',
+      [String(servers[i].address().port)], {
+        module, env, stdio: [servers[i]._handle.fd], onSpawn: () => servers[i].close(),
+      })));
+    for (const result of [rs, node]) {
+      const r = one(result, 'result');
+      assert.deepEqual(r.fds, [3, 3]);
+      if (policy === 'rr') assert.deepEqual(r.bodies, ['1', '1', '1', '2', '2', '2']);
+      else assert.ok(r.bodies.length === 6 && r.bodies.every((b) => b === '1' || b === '2'), `${r.bodies}`);
+    }
+  });
+}
+
+test('TLS servers in workers; session ticket keys are shared', async (t) => {
+  const dir = tmpdir();
+  try {
+    const cert = makeCert(dir);
+    if (!cert) return t.skip('openssl is not available to make a self-signed certificate');
+    const [rs, node] = await both('tls.js', [cert.key, cert.cert]);
+    for (const result of [rs, node]) {
+      const r = one(result, 'result');
+      assert.deepEqual(r.data, ['secure 1', 'secure 1', 'secure 2', 'secure 2']);
+      assert.equal(r.sameKeys, true, 'workers share ticket keys through the server data');
+      assert.equal(r.keyLength, 96);
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('dgram: workers binding the same port share one socket', async () => {
+  const [rs, node] = await both('dgram.js', ['shared']);
+  for (const result of [rs, node]) {
+    const r = one(result, 'result');
+    assert.equal(r.samePort, true);
+    assert.equal(r.received, 20);
+    assert.deepEqual(r.addresses, ['127.0.0.1', '127.0.0.1']);
+  }
+});
+
+test('dgram: exclusive sockets are each worker\'s own', async () => {
+  const [rs, node] = await both('dgram.js', ['exclusive']);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.deepEqual(one(rs, 'result'), {
+    ev: 'result', samePort: false, received: 40, counts: { 1: 20, 2: 20 }, addresses: ['127.0.0.1', '127.0.0.1'],
+  });
+});
