@@ -27,6 +27,9 @@
 //   --cpu-ms MS         CPU burned per request in the cpu scenario (default 1)
 //   --out DIR           output directory (default bench/results)
 //
+// Environment: BENCH_RS_PATH=<dir> benchmarks another build of cluster-rs
+// (default: this checkout), e.g. to compare two commits.
+//
 // Needs wrk (Debian/Ubuntu: apt-get install -y wrk). Writes
 // bench/results/latest.{json,md,svg}. Each measurement starts bench/server.js
 // as a fresh process group on a fresh port and SIGKILLs the whole group after.
@@ -39,6 +42,8 @@ const os = require('node:os');
 const path = require('node:path');
 
 const ROOT = path.resolve(__dirname, '..');
+// The cluster-rs build under test: this checkout, or another one (to compare builds).
+const RS_PATH = process.env.BENCH_RS_PATH ? path.resolve(process.env.BENCH_RS_PATH) : ROOT;
 const SERVER = path.join(__dirname, 'server.js');
 const ALL_IMPLS = ['node-rr', 'node-none', 'rs-rr', 'rs-none', 'rs-reuseport', 'single'];
 const ALL_SCENARIOS = ['close', 'keepalive', 'cpu'];
@@ -184,7 +189,7 @@ function checkWrk() {
 }
 
 function checkClusterRs() {
-  const code = `const c = require(${JSON.stringify(ROOT)});` +
+  const code = `const c = require(${JSON.stringify(RS_PATH)});` +
     `if (typeof c.fork !== 'function') throw new Error('module has no fork()');` +
     `if (c.SCHED_RR === undefined || c.SCHED_NONE === undefined) throw new Error('module lacks SCHED_RR/SCHED_NONE');` +
     `process.exit(0)`;
@@ -405,7 +410,7 @@ async function measure(implName, scenario, workers, cfg) {
     BENCH_HOST: HOST,
     BENCH_PORT: String(port),
     BENCH_CPU_ITER: String(scenario === 'cpu' ? cfg.cpuIter : 0),
-    BENCH_RS_PATH: ROOT,
+    BENCH_RS_PATH: RS_PATH,
     BENCH_MAX_LIFE_MS: String(START_TIMEOUT_MS + (cfg.warmup + cfg.duration) * 1000 + 60000),
   });
   delete env.NODE_UNIQUE_ID; // never let the primary think it is a worker
@@ -691,7 +696,7 @@ async function main() {
     const rs = checkClusterRs();
     if (!rs.ok) {
       const sk = impls.filter((i) => IMPL_DEF[i].impl === 'rs');
-      const msg = `cluster-rs could not be loaded from ${ROOT} (${rs.reason}); skipping ${sk.join(', ')}. Build the addon first (e.g. npm run build) to include them.`;
+      const msg = `cluster-rs could not be loaded from ${RS_PATH} (${rs.reason}); skipping ${sk.join(', ')}. Build the addon first (e.g. npm run build) to include them.`;
       console.log(`bench: ${msg}`);
       notes.push(msg);
       skipped.push(...sk);

@@ -51,7 +51,14 @@ impl WorkerChannel {
                     open = false;
                     break;
                 }
-                Ok(r) => decoder.push(&buf[..r.bytes], fds, r.truncated),
+                Ok(r) => {
+                    decoder.push(&buf[..r.bytes], fds, r.truncated);
+                    // A short read emptied the socket; the loop's poll is
+                    // level-triggered, so another read would only say EAGAIN.
+                    if r.bytes < buf.len() {
+                        break;
+                    }
+                }
                 Err(e) if e.errno == Errno::EINTR => continue,
                 Err(e) if sys::would_block(e.errno) => break,
                 Err(e) => return Err(e),
