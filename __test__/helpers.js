@@ -37,7 +37,8 @@ process.on('exit', killAll);
 // change how a cluster behaves.
 function baseEnv() {
   const env = { ...process.env };
-  for (const key of ['NODE_CLUSTER_SCHED_POLICY', 'CLUSTER_RS_WINDOW', 'NODE_OPTIONS', 'NODE_UNIQUE_ID']) {
+  for (const key of ['NODE_CLUSTER_SCHED_POLICY', 'CLUSTER_RS_WINDOW', 'NODE_OPTIONS', 'NODE_UNIQUE_ID',
+                     'NODE_TEST_CONTEXT']) {
     delete env[key];
   }
   for (const key of Object.keys(env)) if (key.startsWith('CLUSTER_RS_')) delete env[key];
@@ -48,10 +49,12 @@ function fixture(name) {
   return path.join(FIXTURES, name);
 }
 
-// Runs `node <fixture> ...args` as a primary. Resolves with
-// { code, signal, messages, lines, stdout, stderr } once it has exited and its
-// pipes closed. On timeout the whole process group is killed and the promise
-// rejects with what the fixture had printed so far.
+// Runs `node [nodeArgs] <fixture> ...args` as a primary. Resolves with
+// { code, signal, messages, lines, stdout, stderr, pid, strays, describe }
+// once it has exited and its pipes closed (workers inherit them); `strays` are
+// processes of its group still alive then, `describe()` its output for an
+// assertion message. On timeout the whole process group is killed and the
+// promise rejects with what the fixture had printed so far.
 //
 // options:
 //   module     'rs' (default) or 'node': sets CLUSTER_MODULE for the fixture
@@ -59,7 +62,11 @@ function fixture(name) {
 //   timeout    ms before the group is killed (default 20000)
 //   stdio      extra stdio entries after [ignore, pipe, pipe] (fd 3, 4, ...)
 //   cwd        working directory
-//   onMessage  (message, child) => void, for each JSON line as it arrives
+//   nodeArgs   node options before the fixture's path
+//   onMessage  (message, child) => void, for each JSON line as it arrives;
+//              if it throws, the group is killed and the run rejects
+//   failOnFatal  true: a fixture's { ev: 'fatal' } line kills the group and
+//              rejects at once
 //   onSpawn    (child) => void, right after spawning
 //   keepGroup  true: leave the process group alone when the primary exits
 //              (by default whatever is left of it is killed then)
@@ -68,10 +75,12 @@ function fixture(name) {
 function runPrimary(name, args = [], options = {}) {
   const {
     module = 'rs', env = {}, timeout = 20000, stdio = [], cwd, onMessage, onSpawn, shell, keepGroup = false,
+    nodeArgs = [], failOnFatal = false,
   } = options;
   const file = path.isAbsolute(name) ? name : fixture(name);
-  const command = shell ? ['/bin/sh', ['-c', `${shell} && exec "$0" "$@"`, process.execPath, file, ...args]] :
-    [process.execPath, [file, ...args]];
+  const command = shell ?
+    ['/bin/sh', ['-c', `${shell} && exec "$0" "$@"`, process.execPath, ...nodeArgs, file, ...args]] :
+    [process.execPath, [...nodeArgs, file, ...args]];
   return new Promise((resolve, reject) => {
     const child = spawn(...command, {
       cwd: cwd || FIXTURES,
@@ -86,11 +95,12 @@ function runPrimary(name, args = [], options = {}) {
     let stderr = '';
     let pending = '';
     let settled = false;
+    const label = `${path.basename(file)} ${args.join(' ')}`;
+    const describe = () => `--- stdout ---\n${stdout}\n--- stderr ---\n${stderr}`;
 
     const timer = setTimeout(() => {
       killGroup(child.pid);
-      finish(new Error(`${path.basename(file)} ${args.join(' ')} timed out after ${timeout} ms\n` +
-                       `--- stdout ---\n${stdout}\n--- stderr ---\n${stderr}`));
+      finish(new Error(`${label} timed out after ${timeout} ms\n${describe()}`));
     }, timeout);
 
     function finish(err, value) {
@@ -118,11 +128,16 @@ function runPrimary(name, args = [], options = {}) {
           continue;
         }
         messages.push(message);
-        if (onMessage) {
+        if (failOnFatal && message.ev === 'fatal') {
+          killGroup(child.pid);
+          finish(new Error(`${label} failed: ${message.message}\n${describe()}`));
+        }
+        if (onMessage && !settled) {
           try {
             onMessage(message, child);
           } catch (err) {
             killGroup(child.pid);
+            err.message += `\n${describe()}`;
             finish(err);
           }
         }
@@ -132,13 +147,14 @@ function runPrimary(name, args = [], options = {}) {
     child.stderr.on('data', (chunk) => { stderr += chunk; });
     child.on('error', (err) => finish(err));
     child.on('close', (code, signal) => {
+      const strays = groupMembers(child.pid);
       // Workers left behind by a primary that died are killed with their group
       // (at the latest when this test file ends, with keepGroup).
       if (!keepGroup) {
         groups.delete(child.pid);
         killGroup(child.pid);
       }
-      finish(null, { code, signal, messages, lines, stdout, stderr, pid: child.pid });
+      finish(null, { code, signal, messages, lines, stdout, stderr, pid: child.pid, strays, describe });
     });
     if (onSpawn) onSpawn(child);
   });
@@ -168,7 +184,19 @@ function one(result, what) {
   return all[0];
 }
 
-// True while a process exists and is not a zombie.
+// /proc/<pid>/stat fields after the command name: state, ppid, process group.
+function procStat(pid) {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const [state, ppid, pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return { state, ppid: Number(ppid), pgrp: Number(pgrp) };
+  } catch {
+    return null;
+  }
+}
+
+// True while a process exists and is not a zombie (nobody may reap the
+// orphans of a killed primary in a container, so a zombie counts as gone).
 function alive(pid) {
   try {
     process.kill(pid, 0);
@@ -176,13 +204,19 @@ function alive(pid) {
     if (err.code === 'ESRCH') return false;
     throw err;
   }
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
+  const stat = procStat(pid);
+  return stat !== null && stat.state !== 'Z' && stat.state !== 'X';
+}
+
+// Live (non-zombie) members of a process group.
+function groupMembers(pgid) {
+  const members = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = procStat(entry);
+    if (stat && stat.pgrp === pgid && stat.state !== 'Z' && stat.state !== 'X') members.push(Number(entry));
   }
+  return members;
 }
 
 // Polls until none of `pids` is alive; rejects after `limit` ms with the survivors.
@@ -228,6 +262,6 @@ function makeCert(dir) {
 }
 
 module.exports = {
-  ROOT, FIXTURES, fixture, runPrimary, runOk, pick, one, alive, waitGone, which, tmpdir,
+  ROOT, FIXTURES, fixture, runPrimary, runOk, pick, one, alive, waitGone, groupMembers, procStat, which, tmpdir,
   hasIPv6Loopback, makeCert, killAll, killGroup,
 };

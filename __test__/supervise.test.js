@@ -11,27 +11,12 @@
 
 const nodeTest = require('node:test');
 const assert = require('node:assert/strict');
-const { spawn } = require('node:child_process');
-const fs = require('node:fs');
-const path = require('node:path');
-
-const FIXTURES = path.join(__dirname, 'fixtures');
+const { runPrimary, alive, waitGone, killAll } = require('./helpers.js');
 const TOLERANCE = 5; // ms of slack on lower bounds (clock granularity)
 
 // ---------------------------------------------------------------- helpers
 
-const groups = new Set(); // pids (= process group ids) of live primaries
-
-function killGroup(pgid) {
-  try {
-    process.kill(-pgid, 'SIGKILL');
-  } catch {
-    // ESRCH: gone already
-  }
-}
-
-process.on('exit', () => { for (const pgid of groups) killGroup(pgid); });
-nodeTest.after(() => { for (const pgid of groups) killGroup(pgid); });
+nodeTest.after(killAll);
 
 // node:test's test(), with the output of the test's primaries appended to a
 // failure (tests run one at a time).
@@ -50,137 +35,14 @@ function test(name, options, fn) {
   });
 }
 
-// /proc/<pid>/stat fields after the command: state, ppid, pgrp, ...
-function procStat(pid) {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const [state, ppid, pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return { state, ppid: Number(ppid), pgrp: Number(pgrp) };
-  } catch {
-    return null;
-  }
-}
-
-// True while a process exists and is not a zombie (nobody may reap the
-// orphans of a killed primary in this container, so a zombie counts as gone).
-function alive(pid) {
-  try {
-    process.kill(pid, 0);
-  } catch (err) {
-    if (err.code === 'ESRCH') return false;
-    throw err;
-  }
-  const stat = procStat(pid);
-  return stat !== null && stat.state !== 'Z' && stat.state !== 'X';
-}
-
-// Live (non-zombie) members of a process group.
-function groupMembers(pgid) {
-  const members = [];
-  for (const entry of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    const stat = procStat(entry);
-    if (stat && stat.pgrp === pgid && stat.state !== 'Z' && stat.state !== 'X') members.push(Number(entry));
-  }
-  return members;
-}
-
-// Polls until none of `pids` is alive; rejects with the survivors after `limit` ms.
-function waitGone(pids, limit) {
-  const deadline = Date.now() + limit;
-  return new Promise((resolve, reject) => {
-    (function check() {
-      const left = pids.filter(alive);
-      if (left.length === 0) return resolve();
-      if (Date.now() > deadline) return reject(new Error(`still alive after ${limit} ms: ${left.join(', ')}`));
-      setTimeout(check, 10);
-    })();
-  });
-}
-
-// Runs `node [nodeArgs] fixtures/<name> [args]` as a detached primary.
-// Resolves once it has exited and all holders of its stdout (its workers
-// inherit it) have closed it: { code, signal, messages, stdout, stderr, pid,
-// strays }, where `strays` are processes of its group still alive then (they
-// are killed). `onMessage(message, child)` sees each JSON line as it arrives;
-// if it throws, the group is killed and the run rejects. On timeout the group
-// is killed and the run rejects with the output so far.
-function run(name, args = [], { timeout = 15000, onMessage, nodeArgs = [] } = {}) {
-  const file = path.join(FIXTURES, name);
-  const env = { ...process.env };
-  delete env.NODE_CLUSTER_SCHED_POLICY;
-  delete env.NODE_TEST_CONTEXT;
-  delete env.NODE_OPTIONS;
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [...nodeArgs, file, ...args], {
-      cwd: FIXTURES, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true,
-    });
-    groups.add(child.pid);
-    const messages = [];
-    let stdout = '';
-    let stderr = '';
-    let pending = '';
-    let settled = false;
-    const describe = () => `--- stdout ---\n${stdout}\n--- stderr ---\n${stderr}`;
-    // A run that rejects carries its output in the error already.
-    const record = { label: `${name} ${args.join(' ')}`, output: null };
-    runs.push(record);
-
-    function finish(err, value) {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      if (err) reject(err);
-      else resolve(value);
-    }
-
-    const timer = setTimeout(() => {
-      killGroup(child.pid);
-      finish(new Error(`${name} ${args.join(' ')} timed out after ${timeout} ms\n${describe()}`));
-    }, timeout);
-
-    child.stdout.setEncoding('utf8');
-    child.stdout.on('data', (chunk) => {
-      stdout += chunk;
-      pending += chunk;
-      let nl;
-      while ((nl = pending.indexOf('\n')) !== -1) {
-        const line = pending.slice(0, nl);
-        pending = pending.slice(nl + 1);
-        if (!line.startsWith('{')) continue;
-        let message;
-        try {
-          message = JSON.parse(line);
-        } catch {
-          continue;
-        }
-        messages.push(message);
-        if (message.ev === 'fatal') {
-          killGroup(child.pid);
-          finish(new Error(`${name} failed: ${message.message}\n${describe()}`));
-        }
-        if (onMessage && !settled) {
-          try {
-            onMessage(message, child);
-          } catch (err) {
-            killGroup(child.pid);
-            err.message += `\n${describe()}`;
-            finish(err);
-          }
-        }
-      }
-    });
-    child.stderr.setEncoding('utf8');
-    child.stderr.on('data', (chunk) => { stderr += chunk; });
-    child.on('error', (err) => finish(err));
-    child.on('close', (code, signal) => {
-      const strays = groupMembers(child.pid);
-      killGroup(child.pid);
-      groups.delete(child.pid);
-      record.output = describe;
-      finish(null, { code, signal, messages, stdout, stderr, pid: child.pid, strays, describe });
-    });
-  });
+// Runs `node [nodeArgs] fixtures/<name> [args]` as a detached primary (see
+// helpers.runPrimary); a fixture's 'fatal' line fails the run at once.
+async function run(name, args = [], { timeout = 15000, onMessage, nodeArgs = [] } = {}) {
+  const record = { label: `${name} ${args.join(' ')}`, output: null };
+  runs.push(record);
+  const result = await runPrimary(name, args, { timeout, onMessage, nodeArgs, failOnFatal: true });
+  record.output = result.describe;
+  return result;
 }
 
 const pick = (result, ev) => result.messages.filter((m) => m.ev === ev);

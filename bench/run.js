@@ -55,11 +55,7 @@ const IMPL_DEF = {
   'rs-reuseport': { impl: 'rs', policy: 'reuseport' },
   single: { impl: 'single', policy: null },
 };
-const SCENARIO_SCRIPT = {
-  close: path.join(__dirname, 'wrk-close.lua'),
-  keepalive: path.join(__dirname, 'wrk-keepalive.lua'),
-  cpu: path.join(__dirname, 'wrk-keepalive.lua'),
-};
+const WRK_SCRIPT = path.join(__dirname, 'wrk.lua');
 const HOST = '127.0.0.1';
 const START_TIMEOUT_MS = 20000;
 const CMD_TIMEOUT_MS = 15000;
@@ -379,9 +375,10 @@ function parseWrk(out) {
 
 function runWrk(port, scenario, seconds, cfg) {
   const args = ['-t', String(cfg.threads), '-c', String(cfg.connections), '-d', `${seconds}s`,
-    '--latency', '--timeout', '5s', '-s', SCENARIO_SCRIPT[scenario], `http://${HOST}:${port}/`];
+    '--latency', '--timeout', '5s', '-s', WRK_SCRIPT, `http://${HOST}:${port}/`];
+  const env = { ...process.env, WRK_CONNECTION_CLOSE: scenario === 'close' ? '1' : '0' };
   return new Promise((resolve, reject) => {
-    const w = spawn('wrk', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const w = spawn('wrk', args, { stdio: ['ignore', 'pipe', 'pipe'], env });
     liveWrk.add(w);
     let out = '', err = '';
     w.stdout.on('data', (d) => { out += d; });
@@ -646,7 +643,7 @@ function markdown(agg, meta, notes) {
 }
 
 const NOTES = [
-  'close: every request sends `Connection: close` (set in bench/wrk-close.lua), so each request is a new TCP connection; keepalive: wrk\'s persistent connections; cpu: keep-alive with ~1 ms of pbkdf2 per request.',
+  'close: every request sends `Connection: close` (set in bench/wrk.lua), so each request is a new TCP connection; keepalive: wrk\'s persistent connections; cpu: keep-alive with ~1 ms of pbkdf2 per request.',
   'spread = ±half the range (max − min) of req/s over the rounds, relative to the median: a quick noise indicator.',
   'errors = wrk socket errors (connect, read, write, timeout) + non-2xx/3xx responses.',
   'conns/worker = TCP connections each worker\'s server saw (`connection` events), sorted descending, median per position; conn CV = stddev/mean over workers (0 = perfectly even).',

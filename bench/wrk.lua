@@ -1,5 +1,12 @@
--- cluster-rs bench: keep-alive load (wrk default: HTTP/1.1 persistent
--- connections, no Connection header). Nothing to configure here.
+-- cluster-rs bench: the wrk script for every scenario.
+-- WRK_CONNECTION_CLOSE=1 (set by bench/run.js for the "close" scenario) makes
+-- every request carry "Connection: close", so the server closes the socket
+-- after each response and wrk opens a new TCP connection per request. It is
+-- set here rather than with -H through a shell variable, which word-splitting
+-- can silently break. Otherwise wrk keeps its HTTP/1.1 connections alive.
+if os.getenv("WRK_CONNECTION_CLOSE") == "1" then
+  wrk.headers["Connection"] = "close"
+end
 
 -- Machine-readable summary for bench/run.js (exact counts, microseconds).
 function done(summary, latency, requests)
