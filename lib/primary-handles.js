@@ -84,8 +84,12 @@ class SharedHandle {
       return;
     }
     const handle = udp ? udpHandle(result.fd) : serverHandle(result.fd);
-    if (typeof handle === 'number') this.errno = handle;
-    else this.handle = handle;
+    if (typeof handle === 'number') {
+      native.closeFd(result.fd); // no handle took it
+      this.errno = handle;
+    } else {
+      this.handle = handle;
+    }
   }
 
   add(worker, send) {
@@ -121,7 +125,10 @@ class ReusePortHandle {
     const result = native.bindReusePort(this.address, this.port, this.ipv6Only);
     if (result.errno) return send(result.errno, null, null);
     const handle = serverHandle(result.fd);
-    if (typeof handle === 'number') return send(handle, null, null);
+    if (typeof handle === 'number') {
+      native.closeFd(result.fd); // no handle took it
+      return send(handle, null, null);
+    }
     this.port = result.port; // listen(0): later workers join the same port
     this.workers.set(worker.id, worker);
     send(0, null, handle, () => handle.close());

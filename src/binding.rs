@@ -139,9 +139,22 @@ pub fn bind_shared_udp(host: Option<String>, port: u32, ipv6_only: bool, reuse_a
 #[napi]
 pub fn bind_shared_unix(path: String, readable_all: bool, writable_all: bool) -> SocketResult {
     shared(sockets::bind_unix(&path, None, readable_all, writable_all).map(|mut l| {
-        l.unlink_on_close.disarm(); // the handle that adopts it unlinks it, as libuv does
+        // A handle opened from an fd does not know its path: the primary's
+        // SharedHandle unlinks it when the last worker leaves.
+        l.unlink_on_close.disarm();
         l.fd
     }))
+}
+
+/// Closes a descriptor a shared-socket call handed over, when no handle
+/// could adopt it (the caller owned it; nothing else does).
+#[napi]
+pub fn close_fd(fd: i32) {
+    if fd >= 0 {
+        // SAFETY: the fd came from bind_shared_* or bind_reuse_port, which
+        // gave ownership to the caller, and the caller gives it back here.
+        drop(unsafe { sys::own(fd) });
+    }
 }
 
 /// Closes a round-robin listener; returns once its socket is closed.
