@@ -14,7 +14,7 @@ const { sendControl, controlListener } = require('./protocol.js');
 const { RoundRobinHandle, SharedHandle, ReusePortHandle } = require('./primary-handles.js');
 const { createSupervisor, validateSettings } = require('./supervisor.js');
 const { badPort, validatePort, systemError } = require('./errors.js');
-const env = require('./env.js');
+const ENV = require('./env.js'); // names of the variables we pass to workers
 
 const cluster = new EventEmitter();
 const intercom = new EventEmitter();
@@ -152,9 +152,9 @@ function createWorkerProcess(id, workerEnv, channel) {
     env: {
       ...process.env,
       ...workerEnv,
-      [env.WORKER_ID]: `${id}`,
-      [env.CHANNEL_FD]: `${childFd}`,
-      [env.PRIMARY_PID]: `${process.pid}`,
+      [ENV.WORKER_ID]: `${id}`,
+      [ENV.CHANNEL_FD]: `${childFd}`,
+      [ENV.PRIMARY_PID]: `${process.pid}`,
     },
     serialization: settings.serialization,
     silent: settings.silent,
