@@ -581,7 +581,8 @@ function svgChart(agg, impls, meta) {
     g.bars.push(r);
   }
   const barW = 30, gap = 6, groupGap = 40, left = 60, top = 60, plotH = 260, bottom = 70;
-  const groupW = (n) => n * barW + (n - 1) * gap;
+  // Wide enough for its label ("keepalive · 2w") even with one bar.
+  const groupW = (n) => Math.max(n * barW + (n - 1) * gap, 110);
   const title = `Requests/s relative to ${agg.baseline} (median of ${meta.rounds} round${meta.rounds > 1 ? 's' : ''}, higher is better)`;
   const legendW = impls.reduce((a, i) => a + 28 + i.length * 7, 0);
   const width = Math.ceil(Math.max(left + title.length * 8.8 + 20, left + legendW + 20,
@@ -602,8 +603,9 @@ function svgChart(agg, impls, meta) {
   }
   let x = left + groupGap / 2;
   for (const g of groups) {
+    const inset = (groupW(g.bars.length) - (g.bars.length * (barW + gap) - gap)) / 2;
     g.bars.forEach((b, i) => {
-      const bx = x + i * (barW + gap);
+      const bx = x + inset + i * (barW + gap);
       const r = b.ratio || 0;
       o.push(`<rect x="${bx}" y="${y(r).toFixed(1)}" width="${barW}" height="${(y(0) - y(r)).toFixed(1)}" fill="${colors[b.impl] || '#888'}"><title>${xmlEsc(`${b.impl} ${g.key}: ${fmt.int(b.rps)} req/s (${fmt.ratio(b.ratio)})`)}</title></rect>`);
       o.push(`<text x="${bx + barW / 2}" y="${(y(r) - 4).toFixed(1)}" text-anchor="middle" font-size="10">${b.ratio == null ? '—' : b.ratio.toFixed(2)}</text>`);
