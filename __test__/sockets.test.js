@@ -125,3 +125,17 @@ test('dgram: exclusive sockets are each worker\'s own', async () => {
     ev: 'result', samePort: false, received: 40, counts: { 1: 20, 2: 20 }, addresses: ['127.0.0.1', '127.0.0.1'],
   });
 });
+
+test('a Linux abstract Unix socket (\\0name) is shared by the workers', {
+  skip: process.platform !== 'linux' && 'abstract sockets are Linux-only',
+}, async () => {
+  const [rs, node] = await both('listen-variants.js', ['abstract']);
+  assert.deepEqual(one(rs, 'result'), one(node, 'result'));
+  assert.deepEqual(one(rs, 'result'), { ev: 'result', bodies: ['1', '1', '2', '2'], listening: 2 });
+});
+
+test('listen(handle) in a worker binds that handle itself, as with node:cluster', async () => {
+  const [rs, node] = await both('listen-variants.js', ['handle']);
+  assert.deepEqual(one(rs, 'result'), one(node, 'result'));
+  assert.deepEqual(one(rs, 'result'), { ev: 'result', bodies: ['1', '2'], listening: 0 });
+});

@@ -167,11 +167,22 @@ pub fn bind_udp(spec: &InetSpec) -> SysResult<OwnedFd> {
     bind_any(SockType::Datagram, spec)
 }
 
+/// sun_path's size less the leading NUL of an abstract name.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const ABSTRACT_NAME_MAX: usize = 107;
+
 fn unix_addr(path: &str) -> SysResult<(UnixAddr, Option<PathBuf>)> {
     if let Some(name) = path.strip_prefix('\0') {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         {
-            return UnixAddr::new_abstract(name.as_bytes()).syscall("bind").map(|a| (a, None));
+            // Node 20's libuv binds and connects abstract names with the whole
+            // sun_path, NUL-padded; the same address is needed to be reachable.
+            let mut padded = name.as_bytes().to_vec();
+            if padded.len() > ABSTRACT_NAME_MAX {
+                return Err(SysError { syscall: "bind", errno: Errno::ENAMETOOLONG });
+            }
+            padded.resize(ABSTRACT_NAME_MAX, 0);
+            return UnixAddr::new_abstract(&padded).syscall("bind").map(|a| (a, None));
         }
         #[cfg(not(any(target_os = "linux", target_os = "android")))]
         {
@@ -290,6 +301,19 @@ mod tests {
         drop(l);
         assert!(!path.exists());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn abstract_names_are_padded_like_libuv_so_node_clients_reach_them() {
+        let name = format!("\0cluster-rs-unit-{}", std::process::id());
+        let l = bind_unix(&name, Some(4), false, false).unwrap();
+        assert!(l.unlink_on_close.0.is_none(), "nothing to unlink for an abstract name");
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+        let shown = format!("@{}{}", &name[1..], "@".repeat(107 - (name.len() - 1)));
+        assert!(table.lines().any(|line| line.ends_with(&shown)), "not bound as {shown}");
+        let too_long = format!("\0{}", "x".repeat(108));
+        assert_eq!(bind_unix(&too_long, Some(4), false, false).unwrap_err().errno, Errno::ENAMETOOLONG);
     }
 
     #[test]
