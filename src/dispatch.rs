@@ -509,9 +509,15 @@ fn flush_channel(c: &mut Channel) {
         let mut bytes = Vec::with_capacity(count * RECORD_LEN);
         let mut fds = Vec::with_capacity(count);
         for seq in &c.queued[..count] {
-            let conn = &c.held[seq];
+            // Only a forged ack can settle a connection before it was sent;
+            // it is gone from `held` then, and there is nothing to send.
+            let Some(conn) = c.held.get(seq) else { continue };
             Record::Conn { listener: conn.listener, seq: *seq }.encode(&mut bytes);
             fds.push(conn.fd.as_raw_fd());
+        }
+        if fds.is_empty() {
+            c.queued.drain(..count);
+            continue;
         }
         match wire::send(c.fd.as_raw_fd(), &bytes, &fds) {
             Ok(n) => {
@@ -697,6 +703,21 @@ mod tests {
             let mut buf = [0u8; 1];
             client.read_exact(&mut buf).unwrap();
         }
+    }
+
+    #[test]
+    fn forged_acks_do_not_disturb_the_dispatcher() {
+        let (d, l, port) = setup(4);
+        let a = worker(&d, l);
+        // Acks for sequences never handed out, both kinds, then a real connection.
+        let mut bytes = Vec::new();
+        for seq in 0..64 {
+            Record::Ack { seq, accepted: seq % 2 == 0 }.encode(&mut bytes);
+        }
+        wire::send(a.end, &bytes, &[]).unwrap();
+        let mut client = connect(port);
+        let mut server = a.accept();
+        assert_connected(&mut client, &mut server);
     }
 
     #[test]
