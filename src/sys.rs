@@ -7,7 +7,7 @@
 
 #[cfg(not(target_os = "linux"))]
 use std::os::fd::AsFd;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
@@ -147,10 +147,6 @@ pub fn dup_cloexec(fd: RawFd) -> SysResult<OwnedFd> {
 pub unsafe fn own(fd: RawFd) -> OwnedFd {
     // SAFETY: guaranteed by the caller.
     unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-pub fn raw(fd: &impl AsRawFd) -> RawFd {
-    fd.as_raw_fd()
 }
 
 /// True when the errno means "try again later" on a non-blocking descriptor.

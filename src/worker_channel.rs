@@ -92,7 +92,10 @@ impl WorkerChannel {
     }
 
     /// Blocks until the primary closes the channel, handing each batch to
-    /// `deliver` (which returns false to stop). For a dedicated thread.
+    /// `deliver` (which returns false to stop). Workers are driven by their
+    /// event loop instead (see `binding::worker_attach`); the dispatcher's
+    /// tests use this from a thread.
+    #[cfg(test)]
     pub fn receive(&self, mut deliver: impl FnMut(Vec<u32>) -> bool) -> SysResult<()> {
         loop {
             let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
