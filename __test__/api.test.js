@@ -41,6 +41,7 @@ test('settings after setupPrimary reach the worker (exec, args, execArgv, cwd, e
     assert.deepEqual(done.report, {
       ev: 'report', args: ['x', 'y'], execArgv: ['--max-old-space-size=64'], cwd, extra: 'extra value',
       leftovers: [], isWorker: true, builtinIsWorker: true, builtinWorkerId: 1, id: 1, stdin: 'Socket',
+      generatedLoaderRan: false,
     });
     assert.equal(done.stderr, 'to stderr\n');
     // silent: nothing of the worker's reached the primary's own stdout.

@@ -19,7 +19,9 @@ if (id !== undefined && globalThis[WORKER] === undefined) {
 
   // Never outlive the primary, even one killed by SIGKILL (Linux: the kernel
   // sends SIGTERM; elsewhere the IPC channel's 'disconnect' ends us).
-  if (require('./native.js').workerGuard(primaryPid)) process.exit(0);
+  const native = require('./native.js');
+  delete process.env[env.ADDON];
+  if (native.workerGuard(primaryPid)) process.exit(0);
 
   // Hide our --require from the app and from children it forks.
   const at = process.execArgv.findIndex((arg, i) => arg === '--require' && process.execArgv[i + 1] === __filename);

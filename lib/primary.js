@@ -31,6 +31,7 @@ const kStarted = Symbol('cluster-rs.started');
 // Set when the app stops a worker on purpose (kill/destroy): never restarted.
 const kStopped = Symbol('cluster-rs.stopped');
 let ids = 0;
+let addonFile; // the .node file this process loaded, for its workers
 let initialized = false;
 
 cluster.isWorker = false;
@@ -147,15 +148,19 @@ function createWorkerProcess(id, workerEnv, channel) {
   }
 
   const { stdio, childFd } = stdioWith(settings, channel ? channel.fd : undefined);
+  const env = {
+    ...process.env,
+    ...workerEnv,
+    [ENV.WORKER_ID]: `${id}`,
+    [ENV.CHANNEL_FD]: `${childFd}`,
+    [ENV.PRIMARY_PID]: `${process.pid}`,
+  };
+  addonFile ??= native.addonFile() ?? '';
+  if (addonFile) env[ENV.ADDON] = addonFile;
+  else delete env[ENV.ADDON];
   return fork(settings.exec, settings.args, {
     cwd: settings.cwd,
-    env: {
-      ...process.env,
-      ...workerEnv,
-      [ENV.WORKER_ID]: `${id}`,
-      [ENV.CHANNEL_FD]: `${childFd}`,
-      [ENV.PRIMARY_PID]: `${process.pid}`,
-    },
+    env,
     serialization: settings.serialization,
     silent: settings.silent,
     windowsHide: settings.windowsHide,
