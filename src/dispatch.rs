@@ -140,15 +140,30 @@ struct Listener {
     socket: Listening,
     /// Channels attached to this listener, in round-robin order.
     members: Vec<u32>,
+    /// How many connections each member has been offered, by position in
+    /// `members`. The next connection goes to the member with room that was
+    /// offered the fewest, the round-robin order breaking ties: a worker
+    /// skipped while its window was full catches up once it has room again.
+    offered: Vec<u64>,
     cursor: usize,
     /// Accepted connections that no worker could take yet.
     pending: VecDeque<Conn>,
 }
 
 impl Listener {
+    /// A worker joins level with the least-served member, so it shares the
+    /// next connections with the others rather than taking all of them.
+    fn attach(&mut self, channel: u32) {
+        if !self.members.contains(&channel) {
+            self.offered.push(self.offered.iter().copied().min().unwrap_or(0));
+            self.members.push(channel);
+        }
+    }
+
     fn detach(&mut self, channel: u32) {
         if let Some(i) = self.members.iter().position(|&c| c == channel) {
             self.members.remove(i);
+            self.offered.remove(i);
             if i < self.cursor {
                 self.cursor -= 1;
             }
@@ -304,6 +319,7 @@ impl Loop {
                 self.listeners.insert(id, Listener {
                     socket: listening,
                     members: Vec::new(),
+                    offered: Vec::new(),
                     cursor: 0,
                     pending: VecDeque::new(),
                 });
@@ -349,8 +365,10 @@ impl Loop {
         }
     }
 
-    /// Assigns waiting connections to workers with room, round-robin. A
-    /// connection every attached worker has declined is closed.
+    /// Assigns waiting connections to workers with room: round-robin, except
+    /// that a worker passed over while its window was full is preferred until
+    /// it has been offered as many as the others. A connection every attached
+    /// worker has declined is closed.
     fn dispatch(&mut self) {
         let ids: Vec<u32> = self.listeners.iter().filter(|(_, l)| !l.pending.is_empty()).map(|(&id, _)| id).collect();
         for id in ids {
@@ -364,10 +382,12 @@ impl Loop {
                 }
                 let pick = (0..n)
                     .map(|k| (l.cursor + k) % n)
-                    .find(|&i| !head.declined_by.contains(&l.members[i]) && self.has_room(l.members[i]));
+                    .filter(|&i| !head.declined_by.contains(&l.members[i]) && self.has_room(l.members[i]))
+                    .min_by_key(|&i| l.offered[i]); // the first of equals: round-robin
                 let Some(index) = pick else { break };
                 let l = self.listeners.get_mut(&id).unwrap();
                 let channel_id = l.members[index];
+                l.offered[index] += 1;
                 l.cursor = (index + 1) % n;
                 let conn = l.pending.pop_front().unwrap();
                 let seq = self.next_seq;
@@ -446,9 +466,7 @@ impl Loop {
                     return;
                 }
                 if let Some(l) = self.listeners.get_mut(&listener) {
-                    if !l.members.contains(&id) {
-                        l.members.push(id);
-                    }
+                    l.attach(id);
                 }
             }
             Record::Gone { listener } => {
@@ -647,6 +665,57 @@ mod tests {
         }
         assert!(order.windows(2).all(|w| w[0] != w[1]), "not round-robin: {order:?}");
         wait_for(|| d.stats().iter().map(|s| s.accepted).sum::<u64>() == 6);
+    }
+
+    #[test]
+    fn a_worker_passed_over_while_full_catches_up() {
+        let (d, l, port) = setup(1);
+        let (a, b) = (worker(&d, l), worker(&d, l));
+        // a keeps its first connection unsettled: its window of one is full,
+        // so the next three go to b.
+        let _c1 = connect(port);
+        let (seq1, _) = a.next();
+        let _others: Vec<(TcpStream, TcpStream)> = (0..3).map(|_| (connect(port), b.accept())).collect();
+        a.channel.settle(&[seq1], &[]).unwrap();
+        // Offered so far: a 1, b 3. Plain round-robin would alternate from
+        // here; a is owed two, so it gets the next two in a row.
+        for _ in 0..2 {
+            let _client = connect(port);
+            let (i, (seq, _)) = offered(&[&a, &b]);
+            assert_eq!(i, 0, "the worker that was passed over should catch up first");
+            a.channel.settle(&[seq], &[]).unwrap();
+        }
+        // Level again: strict alternation resumes.
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            let _client = connect(port);
+            let (i, (seq, _)) = offered(&[&a, &b]);
+            [&a, &b][i].channel.settle(&[seq], &[]).unwrap();
+            order.push(i);
+        }
+        assert!(order.windows(2).all(|w| w[0] != w[1]), "not round-robin once level: {order:?}");
+    }
+
+    #[test]
+    fn a_worker_that_joins_late_is_not_flooded() {
+        let (d, l, port) = setup(4);
+        let (a, b) = (worker(&d, l), worker(&d, l));
+        for _ in 0..6 {
+            let _client = connect(port);
+            let (i, (seq, _)) = offered(&[&a, &b]);
+            [&a, &b][i].channel.settle(&[seq], &[]).unwrap();
+        }
+        // c was offered nothing so far; it joins level with the others and
+        // takes one in three, not the next six.
+        let c = worker(&d, l);
+        let mut counts = [0; 3];
+        for _ in 0..6 {
+            let _client = connect(port);
+            let (i, (seq, _)) = offered(&[&a, &b, &c]);
+            [&a, &b, &c][i].channel.settle(&[seq], &[]).unwrap();
+            counts[i] += 1;
+        }
+        assert_eq!(counts, [2, 2, 2]);
     }
 
     #[test]
