@@ -225,3 +225,15 @@ test('a failing fixture is reported, not hidden (sanity check of the harness)', 
   const r = await runPrimary('bad-input.js', ['no-such-mode']);
   assert.notEqual(r.code, 0);
 });
+
+test("a worker's replacement of cluster._getServer is what net and dgram call", async () => {
+  const [rs, node] = await both('get-server.js', []);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.deepEqual(one(rs, 'result'), {
+    ev: 'result', calls: ['net', 'dgram'],
+    net: { code: 'EADDRINUSE', syscall: 'bind', port: 4321 },
+    dgram: { code: 'EADDRINUSE', syscall: 'bind', port: 4322 },
+    restored: true,
+  });
+  assert.deepEqual(one(rs, 'exit'), { ev: 'exit', code: 0, signal: null });
+});
