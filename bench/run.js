@@ -451,6 +451,8 @@ async function measure(implName, scenario, workers, cfg) {
     const connections = conns.reduce((a, b) => a + b, 0);
     const serverRequests = stats.reduce((a, s) => a + s.requests, 0);
     const primaryCpuS = (cpu1 - cpu0) / 1e6;
+    // Workers report their own CPU since the reset; the single process has none.
+    const workersCpuS = def.impl === 'single' ? null : stats.reduce((a, s) => a + (s.cpuUs || 0), 0) / 1e6;
     return {
       impl: implName, scenario, workers: def.impl === 'single' ? 1 : workers, port,
       rps: w.rps, requests: w.requests, durationS: w.durationS, p50Us: w.p50Us, p99Us: w.p99Us,
@@ -462,6 +464,7 @@ async function measure(implName, scenario, workers, cfg) {
       primaryCpuS,
       primaryCpuProcS: proc0 != null && proc1 != null ? proc1 - proc0 : null,
       primaryCpuPer10kConnS: connections >= 1000 ? primaryCpuS / connections * 1e4 : null,
+      workersCpuPer10kConnS: connections >= 1000 && workersCpuS != null ? workersCpuS / connections * 1e4 : null,
       primaryRssKb: rssKb,
       startupMs: ready.startupMs,
       restartMs,
@@ -501,6 +504,7 @@ function aggregate(runs, impls, scenarios, workerCounts) {
           connCv: median(rs.map((r) => r.connCv)),
           primaryCpuS: median(rs.map((r) => r.primaryCpuS)),
           primaryCpuPer10kConnS: median(rs.map((r) => r.primaryCpuPer10kConnS)),
+          workersCpuPer10kConnS: median(rs.map((r) => r.workersCpuPer10kConnS)),
           primaryRssKb: median(rs.map((r) => r.primaryRssKb)),
           ratio: null,
         });
@@ -542,6 +546,7 @@ const COLS = [
   ['conns/worker', (r) => r.perWorkerConnections.map(fmt.int).join(' / '), 'r'],
   ['conn CV', (r) => fmt.f(r.connCv), 'r'],
   ['prim CPU s/10k conn', (r) => fmt.f(r.primaryCpuPer10kConnS, 3), 'r'],
+  ['workers CPU s/10k conn', (r) => fmt.f(r.workersCpuPer10kConnS, 3), 'r'],
   ['prim CPU s', (r) => fmt.f(r.primaryCpuS, 2), 'r'],
   ['prim RSS', (r) => fmt.mb(r.primaryRssKb), 'r'],
 ];
@@ -650,6 +655,7 @@ const NOTES = [
   'errors = wrk socket errors (connect, read, write, timeout) + non-2xx/3xx responses.',
   'conns/worker = TCP connections each worker\'s server saw (`connection` events), sorted descending, median per position; conn CV = stddev/mean over workers (0 = perfectly even).',
   'prim CPU = user+system CPU of the primary process (all its threads) during the measured load (process.cpuUsage() in the primary); per 10k conn only shown when ≥ 1000 connections were made (not meaningful for keep-alive). For `single` the "primary" is the only process and does all the work.',
+  'workers CPU = user+system CPU of all workers together (process.cpuUsage() in each, since the reset before the load), per 10k connections; with the primary\'s, it says where a policy spends the machine.',
   'prim RSS = VmRSS of the primary right after the load.',
   'fork → all listening: from just before the first fork() until N cluster `listening` events. SIGKILL → replacement listening: the primary kills one worker with SIGKILL and, like ordinary node:cluster code, forks a replacement on `exit`; time until that replacement is listening.',
 ];

@@ -130,10 +130,12 @@ function cpuUs() {
 if (!isPrimary) {
   // ------------------------------------------------------------ worker
   const { stats } = startHttpServer();
+  let cpuAtReset = cpuUs();
   process.on('message', (msg) => {
     if (!msg || typeof msg !== 'object' || !msg.benchCmd) return;
-    if (msg.benchCmd === 'reset') { stats.connections = 0; stats.requests = 0; }
-    process.send({ benchReply: msg.seq, pid: process.pid, connections: stats.connections, requests: stats.requests });
+    if (msg.benchCmd === 'reset') { stats.connections = 0; stats.requests = 0; cpuAtReset = cpuUs(); }
+    process.send({ benchReply: msg.seq, pid: process.pid, connections: stats.connections, requests: stats.requests,
+                   cpuUs: cpuUs() - cpuAtReset });
   });
   return;
 }
@@ -194,7 +196,7 @@ function attachWorker(w) {
     if (!msg || typeof msg !== 'object' || msg.benchReply === undefined) return;
     const p = waiting.get(msg.benchReply);
     if (!p) return;
-    p.got.push({ pid: msg.pid, connections: msg.connections, requests: msg.requests });
+    p.got.push({ pid: msg.pid, connections: msg.connections, requests: msg.requests, cpuUs: msg.cpuUs });
     p.need.delete(w.id);
     if (p.need.size === 0) { clearTimeout(p.timer); waiting.delete(msg.benchReply); p.resolve(p.got); }
   });
