@@ -57,7 +57,7 @@ test('connections held by a stuck worker are served by another once it is killed
   assert.deepEqual(r.errors, []);
   assert.equal(r.bodies.length, 12);
   assert.ok(r.bodies.every((b) => b === 'worker 2'), r.bodies.join());
-  assert.ok(r.heldByA >= 1 && r.heldByA <= 4, `A held ${r.heldByA} (the window is 4)`);
+  assert.ok(r.heldByA >= 1 && r.heldByA <= 8, `A held ${r.heldByA} (the window is 8)`);
   assert.equal(r.aSignal, 'SIGKILL');
   assert.equal(r.stats['2'].handed, 12);
 });

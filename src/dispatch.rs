@@ -26,8 +26,12 @@ use crate::sockets::Listening;
 use crate::sys::{self, SysResult};
 use crate::wire::{self, Decoder, Incoming, Record, MAX_FDS_PER_MSG, RECORD_LEN};
 
-/// Default number of connections a worker may hold unacknowledged.
-pub const DEFAULT_WINDOW: usize = 4;
+/// Default number of connections a worker may hold unacknowledged. Large
+/// enough that a busy worker rarely drains its window and sits idle for the
+/// ack → dispatch round trip (4 cost ~10% of throughput under
+/// `Connection: close`, and fairness, since a full worker is passed over);
+/// small enough that a stuck worker holds few connections.
+pub const DEFAULT_WINDOW: usize = 8;
 
 pub enum Command {
     /// The primary's end of a new worker's channel.
