@@ -33,6 +33,10 @@ use crate::wire::{self, Decoder, Incoming, Record, MAX_FDS_PER_MSG, RECORD_LEN};
 /// small enough that a stuck worker holds few connections.
 pub const DEFAULT_WINDOW: usize = 8;
 
+/// How far behind the others a worker may fall and still be owed the
+/// difference, in windows (see `Listener::offer`).
+const CATCH_UP_WINDOWS: u64 = 16;
+
 pub enum Command {
     /// The primary's end of a new worker's channel.
     AddChannel { id: u32, fd: OwnedFd },
@@ -148,6 +152,7 @@ struct Listener {
     /// `members`. The next connection goes to the member with room that was
     /// offered the fewest, the round-robin order breaking ties: a worker
     /// skipped while its window was full catches up once it has room again.
+    /// The debt is bounded (`offer`).
     offered: Vec<u64>,
     cursor: usize,
     /// Accepted connections that no worker could take yet.
@@ -162,6 +167,20 @@ impl Listener {
             self.offered.push(self.offered.iter().copied().min().unwrap_or(0));
             self.members.push(channel);
         }
+    }
+
+    /// Records that the member at `index` was offered a connection. A member
+    /// further behind the most-offered one than `limit` is brought up to that
+    /// distance: a burst of skips is made up, but a worker that was stuck for
+    /// a long time does not, once back, keep the others idle until it has
+    /// made up all of it.
+    fn offer(&mut self, index: usize, limit: u64) {
+        self.offered[index] += 1;
+        let floor = self.offered.iter().copied().max().unwrap_or(0).saturating_sub(limit);
+        for o in &mut self.offered {
+            *o = (*o).max(floor);
+        }
+        self.cursor = (index + 1) % self.members.len();
     }
 
     fn detach(&mut self, channel: u32) {
@@ -375,6 +394,7 @@ impl Loop {
     /// worker has declined is closed.
     fn dispatch(&mut self) {
         let ids: Vec<u32> = self.listeners.iter().filter(|(_, l)| !l.pending.is_empty()).map(|(&id, _)| id).collect();
+        let limit = self.window as u64 * CATCH_UP_WINDOWS;
         for id in ids {
             loop {
                 let l = self.listeners.get(&id).unwrap();
@@ -391,8 +411,7 @@ impl Loop {
                 let Some(index) = pick else { break };
                 let l = self.listeners.get_mut(&id).unwrap();
                 let channel_id = l.members[index];
-                l.offered[index] += 1;
-                l.cursor = (index + 1) % n;
+                l.offer(index, limit);
                 let conn = l.pending.pop_front().unwrap();
                 let seq = self.next_seq;
                 self.next_seq = self.next_seq.wrapping_add(1);
@@ -698,6 +717,26 @@ mod tests {
             order.push(i);
         }
         assert!(order.windows(2).all(|w| w[0] != w[1]), "not round-robin once level: {order:?}");
+    }
+
+    #[test]
+    fn a_worker_left_far_behind_makes_up_only_sixteen_windows() {
+        let (d, l, port) = setup(1);
+        let (a, b) = (worker(&d, l), worker(&d, l));
+        // a is stuck on its first connection while b is offered 20: a is 19
+        // behind, 3 more than the 16 (windows of one) it may be owed.
+        let _c1 = connect(port);
+        let (seq1, _) = a.next();
+        let _others: Vec<(TcpStream, TcpStream)> = (0..20).map(|_| (connect(port), b.accept())).collect();
+        a.channel.settle(&[seq1], &[]).unwrap();
+        let mut order = Vec::new();
+        for _ in 0..17 {
+            let _client = connect(port);
+            let (i, (seq, _)) = offered(&[&a, &b]);
+            [&a, &b][i].channel.settle(&[seq], &[]).unwrap();
+            order.push(i);
+        }
+        assert_eq!(order, [[0; 16].as_slice(), &[1]].concat(), "a should make up 16, then alternate");
     }
 
     #[test]
