@@ -41,7 +41,13 @@ pub struct ChannelStats {
 }
 
 fn failed(e: SysError) -> SocketResult {
-    SocketResult { id: -1, fd: -1, errno: -(e.errno as i32), syscall: Some(e.syscall.to_string()), ..Default::default() }
+    SocketResult {
+        id: -1,
+        fd: -1,
+        errno: -(e.errno as i32),
+        syscall: Some(e.syscall.to_string()),
+        ..Default::default()
+    }
 }
 
 static DISPATCHER: OnceCell<Dispatcher> = OnceCell::new();
@@ -204,14 +210,20 @@ pub fn remove_channel(channel: u32) {
 
 #[napi]
 pub fn dispatch_stats() -> Vec<ChannelStats> {
-    DISPATCHER.get().map(|d| d.stats()).unwrap_or_default().into_iter().map(|s| ChannelStats {
-        id: s.id,
-        handed: s.handed as f64,
-        accepted: s.accepted as f64,
-        declined: s.declined as f64,
-        held: s.held,
-        attached: s.attached,
-    }).collect()
+    DISPATCHER
+        .get()
+        .map(|d| d.stats())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| ChannelStats {
+            id: s.id,
+            handed: s.handed as f64,
+            accepted: s.accepted as f64,
+            declined: s.declined as f64,
+            held: s.held,
+            attached: s.attached,
+        })
+        .collect()
 }
 
 /// Starts receiving on the worker's channel end `fd`, from this worker's own
@@ -278,11 +290,17 @@ impl LoopReceiver {
         let mut reference = std::ptr::null_mut();
         // SAFETY: `callback` is a live function value of this env; the
         // reference keeps it alive for as long as the receiver exists.
-        napi_ok(unsafe { napi::sys::napi_create_reference(raw, callback, 1, &mut reference) }, "napi_create_reference")?;
+        napi_ok(
+            unsafe { napi::sys::napi_create_reference(raw, callback, 1, &mut reference) },
+            "napi_create_reference",
+        )?;
         let name = env.create_string("cluster-rs:connections")?;
         let mut context = std::ptr::null_mut();
         // SAFETY: `name` is a string value of this env; `context` is written by the call.
-        napi_ok(unsafe { napi::sys::napi_async_init(raw, std::ptr::null_mut(), name.raw(), &mut context) }, "napi_async_init")?;
+        napi_ok(
+            unsafe { napi::sys::napi_async_init(raw, std::ptr::null_mut(), name.raw(), &mut context) },
+            "napi_async_init",
+        )?;
         Ok(LoopReceiver { env: raw, callback: reference, context, channel })
     }
 

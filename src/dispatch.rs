@@ -39,16 +39,31 @@ const CATCH_UP_WINDOWS: u64 = 16;
 
 pub enum Command {
     /// The primary's end of a new worker's channel.
-    AddChannel { id: u32, fd: OwnedFd },
+    AddChannel {
+        id: u32,
+        fd: OwnedFd,
+    },
     /// The worker is disconnecting: send it nothing more, keep reading its acks.
-    RetireChannel { id: u32 },
+    RetireChannel {
+        id: u32,
+    },
     /// The worker is gone: give whatever it held to other workers.
-    RemoveChannel { id: u32 },
-    AddListener { id: u32, listening: Listening },
+    RemoveChannel {
+        id: u32,
+    },
+    AddListener {
+        id: u32,
+        listening: Listening,
+    },
     /// No worker listens any more: close the socket and what waits on it.
     /// `done` hears once it is closed, so the port can be bound again at once.
-    CloseListener { id: u32, done: Option<mpsc::SyncSender<()>> },
-    Stats { reply: mpsc::SyncSender<Vec<ChannelStats>> },
+    CloseListener {
+        id: u32,
+        done: Option<mpsc::SyncSender<()>>,
+    },
+    Stats {
+        reply: mpsc::SyncSender<Vec<ChannelStats>>,
+    },
 }
 
 /// Per-worker counters, for tests and the benchmark.
@@ -319,16 +334,19 @@ impl Loop {
         match command {
             Command::AddChannel { id, fd } => {
                 if sys::set_nonblocking(fd.as_fd(), true).is_ok() {
-                    self.channels.insert(id, Channel {
-                        fd,
-                        held: HashMap::new(),
-                        queued: Vec::new(),
-                        tail: Vec::new(),
-                        decoder: Decoder::default(),
-                        retired: false,
-                        broken: false,
-                        stats: ChannelStats { id, ..Default::default() },
-                    });
+                    self.channels.insert(
+                        id,
+                        Channel {
+                            fd,
+                            held: HashMap::new(),
+                            queued: Vec::new(),
+                            tail: Vec::new(),
+                            decoder: Decoder::default(),
+                            retired: false,
+                            broken: false,
+                            stats: ChannelStats { id, ..Default::default() },
+                        },
+                    );
                 }
             }
             Command::RetireChannel { id } => {
@@ -339,13 +357,16 @@ impl Loop {
             }
             Command::RemoveChannel { id } => self.remove_channel(id),
             Command::AddListener { id, listening } => {
-                self.listeners.insert(id, Listener {
-                    socket: listening,
-                    members: Vec::new(),
-                    offered: Vec::new(),
-                    cursor: 0,
-                    pending: VecDeque::new(),
-                });
+                self.listeners.insert(
+                    id,
+                    Listener {
+                        socket: listening,
+                        members: Vec::new(),
+                        offered: Vec::new(),
+                        cursor: 0,
+                        pending: VecDeque::new(),
+                    },
+                );
             }
             Command::CloseListener { id, done } => {
                 self.listeners.remove(&id);
@@ -628,7 +649,14 @@ mod tests {
 
     fn setup(window: usize) -> (Dispatcher, u32, u16) {
         let d = Dispatcher::start(window).unwrap();
-        let spec = InetSpec { host: Some(Ipv4Addr::LOCALHOST.into()), scope_id: 0, port: 0, ipv6_only: false, reuse_addr: false, reuse_port: false };
+        let spec = InetSpec {
+            host: Some(Ipv4Addr::LOCALHOST.into()),
+            scope_id: 0,
+            port: 0,
+            ipv6_only: false,
+            reuse_addr: false,
+            reuse_port: false,
+        };
         let listening = sockets::listen_tcp(&spec, 64).unwrap();
         let port = sockets::sockname(&listening.fd).unwrap().unwrap().port;
         let id = d.next_id();
@@ -781,7 +809,9 @@ mod tests {
     /// Waits until one of `workers` is offered a connection; returns which, and it.
     fn offered(workers: &[&Worker]) -> (usize, (u32, i32)) {
         (0..1000)
-            .find_map(|_| workers.iter().enumerate().find_map(|(i, w)| w.try_next(Duration::from_millis(5)).map(|c| (i, c))))
+            .find_map(|_| {
+                workers.iter().enumerate().find_map(|(i, w)| w.try_next(Duration::from_millis(5)).map(|c| (i, c)))
+            })
             .expect("connection not dispatched")
     }
 

@@ -9,8 +9,7 @@ use std::path::PathBuf;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, Backlog, SockType, SockaddrIn, SockaddrIn6, SockaddrLike,
-    SockaddrStorage, UnixAddr,
+    self, sockopt, AddressFamily, Backlog, SockType, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage, UnixAddr,
 };
 
 use crate::sys::{self, SysError, SysResult, Syscall};
@@ -196,9 +195,12 @@ fn unix_addr(path: &str) -> SysResult<(UnixAddr, Option<PathBuf>)> {
 
 /// A Unix stream socket at `path`, bound; listening when `n` is given.
 /// `mode` adds read/write permission for everyone, like `readableAll`/`writableAll`.
-pub fn bind_unix(path: &str, listen_backlog: Option<i32>, readable_all: bool, writable_all: bool)
-    -> SysResult<Listening>
-{
+pub fn bind_unix(
+    path: &str,
+    listen_backlog: Option<i32>,
+    readable_all: bool,
+    writable_all: bool,
+) -> SysResult<Listening> {
     let (addr, file) = unix_addr(path)?;
     let fd = sys::socket(AddressFamily::Unix, SockType::Stream)?;
     socket::bind(fd.as_raw_fd(), &addr).syscall("bind")?;
@@ -265,7 +267,14 @@ mod tests {
     use super::*;
 
     fn loopback(port: u16) -> InetSpec {
-        InetSpec { host: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), scope_id: 0, port, ipv6_only: false, reuse_addr: false, reuse_port: false }
+        InetSpec {
+            host: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            scope_id: 0,
+            port,
+            ipv6_only: false,
+            reuse_addr: false,
+            reuse_port: false,
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! up to `max_delay`; more than `max_restarts` quick failures in a row give
 //! the slot up, so a crash loop never becomes a fork storm.
 
-use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -127,7 +127,8 @@ impl Timers {
         let mut state = lock.lock().unwrap();
         state.cancelled.remove(&token);
         // A delay too large to represent is as good as never.
-        let at = Instant::now().checked_add(after).unwrap_or_else(|| Instant::now() + Duration::from_secs(u32::MAX as u64));
+        let at =
+            Instant::now().checked_add(after).unwrap_or_else(|| Instant::now() + Duration::from_secs(u32::MAX as u64));
         state.due.push(Reverse((at, token)));
         wake.notify_one();
     }
@@ -185,7 +186,10 @@ mod tests {
         assert_eq!(slot.quick_failures, 2);
         let d = slot.on_exit(&policy, Duration::from_secs(5));
         assert_eq!(d, Decision::RestartAfter { delay: Duration::from_millis(100), quick_failures: 0 });
-        assert_eq!(slot.on_exit(&policy, QUICK), Decision::RestartAfter { delay: Duration::from_millis(100), quick_failures: 1 });
+        assert_eq!(
+            slot.on_exit(&policy, QUICK),
+            Decision::RestartAfter { delay: Duration::from_millis(100), quick_failures: 1 }
+        );
     }
 
     #[test]
@@ -201,7 +205,9 @@ mod tests {
     fn huge_counts_do_not_overflow() {
         let policy = Policy { max_restarts: u32::MAX, ..Policy::default() };
         let mut slot = Slot { quick_failures: 1000 };
-        assert!(matches!(slot.on_exit(&policy, QUICK), Decision::RestartAfter { delay, .. } if delay == policy.max_delay));
+        assert!(
+            matches!(slot.on_exit(&policy, QUICK), Decision::RestartAfter { delay, .. } if delay == policy.max_delay)
+        );
     }
 
     #[test]

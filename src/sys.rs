@@ -63,13 +63,12 @@ pub fn socket(family: AddressFamily, ty: SockType) -> SysResult<OwnedFd> {
 pub fn stream_pair() -> SysResult<(OwnedFd, OwnedFd)> {
     #[cfg(target_os = "linux")]
     {
-        socket::socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
-            .syscall("socketpair")
+        socket::socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).syscall("socketpair")
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let (a, b) = socket::socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::empty())
-            .syscall("socketpair")?;
+        let (a, b) =
+            socket::socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::empty()).syscall("socketpair")?;
         set_cloexec(a.as_fd())?;
         set_cloexec(b.as_fd())?;
         Ok((a, b))

@@ -142,8 +142,7 @@ pub fn send(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> SysResult<usize> {
 pub fn recv(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> SysResult<Received> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MSG]);
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = socket::recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), sys::recv_cloexec_flags())
-        .syscall("recvmsg")?;
+    let msg = socket::recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), sys::recv_cloexec_flags()).syscall("recvmsg")?;
     if let Ok(cmsgs) = msg.cmsgs() {
         for c in cmsgs {
             if let ControlMessageOwned::ScmRights(raw) = c {
@@ -264,13 +263,16 @@ mod tests {
         let mut out = Vec::new();
         d.drain(&mut out);
         let fds: Vec<(Record, bool)> = out.iter().map(|i| (i.record, i.fd.is_some())).collect();
-        assert_eq!(fds, vec![
-            (Record::Conn { listener: 1, seq: 1 }, true),
-            (Record::Conn { listener: 1, seq: 2 }, true),
-            (Record::Ready { listener: 1 }, false),
-            (Record::Conn { listener: 1, seq: 3 }, false),
-            (Record::Conn { listener: 1, seq: 4 }, false),
-        ]);
+        assert_eq!(
+            fds,
+            vec![
+                (Record::Conn { listener: 1, seq: 1 }, true),
+                (Record::Conn { listener: 1, seq: 2 }, true),
+                (Record::Ready { listener: 1 }, false),
+                (Record::Conn { listener: 1, seq: 3 }, false),
+                (Record::Conn { listener: 1, seq: 4 }, false),
+            ]
+        );
     }
 
     #[test]
