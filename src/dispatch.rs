@@ -718,52 +718,52 @@ mod tests {
         wait_for(|| d.stats().iter().map(|s| s.accepted).sum::<u64>() == 6);
     }
 
+    /// Makes `n` connections one after another, each accepted by whichever
+    /// of `workers` is offered it (and closed); returns who took each.
+    fn take_turns(port: u16, workers: &[&Worker], n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|_| {
+                let _client = connect(port);
+                let (i, (seq, fd)) = offered(workers);
+                workers[i].channel.settle(&[seq], &[]).unwrap();
+                // SAFETY: settled as accepted, so the fd is ours to close.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+                i
+            })
+            .collect()
+    }
+
+    /// `a` holds its first connection unsettled, so its window (of one) is
+    /// full while `b` is offered `n`; then `a` settles it.
+    fn pass_over(port: u16, a: &Worker, b: &Worker, n: usize) {
+        let _first = connect(port);
+        let (seq, fd) = a.next();
+        assert_eq!(take_turns(port, &[b], n), vec![0; n]);
+        a.channel.settle(&[seq], &[]).unwrap();
+        // SAFETY: settled as accepted, so the fd is ours to close.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+
     #[test]
     fn a_worker_passed_over_while_full_catches_up() {
         let (d, l, port) = setup(1);
         let (a, b) = (worker(&d, l), worker(&d, l));
-        // a keeps its first connection unsettled: its window of one is full,
-        // so the next three go to b.
-        let _c1 = connect(port);
-        let (seq1, _) = a.next();
-        let _others: Vec<(TcpStream, TcpStream)> = (0..3).map(|_| (connect(port), b.accept())).collect();
-        a.channel.settle(&[seq1], &[]).unwrap();
+        pass_over(port, &a, &b, 3);
         // Offered so far: a 1, b 3. Plain round-robin would alternate from
-        // here; a is owed two, so it gets the next two in a row.
-        for _ in 0..2 {
-            let _client = connect(port);
-            let (i, (seq, _)) = offered(&[&a, &b]);
-            assert_eq!(i, 0, "the worker that was passed over should catch up first");
-            a.channel.settle(&[seq], &[]).unwrap();
-        }
-        // Level again: strict alternation resumes.
-        let mut order = Vec::new();
-        for _ in 0..4 {
-            let _client = connect(port);
-            let (i, (seq, _)) = offered(&[&a, &b]);
-            [&a, &b][i].channel.settle(&[seq], &[]).unwrap();
-            order.push(i);
-        }
-        assert!(order.windows(2).all(|w| w[0] != w[1]), "not round-robin once level: {order:?}");
+        // here; a is owed two, so it gets the next two in a row, and then
+        // strict alternation resumes.
+        let order = take_turns(port, &[&a, &b], 6);
+        assert_eq!(order[..2], [0, 0], "the worker that was passed over should catch up first: {order:?}");
+        assert!(order[2..].windows(2).all(|w| w[0] != w[1]), "not round-robin once level: {order:?}");
     }
 
     #[test]
     fn a_worker_left_far_behind_makes_up_only_sixteen_windows() {
         let (d, l, port) = setup(1);
         let (a, b) = (worker(&d, l), worker(&d, l));
-        // a is stuck on its first connection while b is offered 20: a is 19
-        // behind, 3 more than the 16 (windows of one) it may be owed.
-        let _c1 = connect(port);
-        let (seq1, _) = a.next();
-        let _others: Vec<(TcpStream, TcpStream)> = (0..20).map(|_| (connect(port), b.accept())).collect();
-        a.channel.settle(&[seq1], &[]).unwrap();
-        let mut order = Vec::new();
-        for _ in 0..17 {
-            let _client = connect(port);
-            let (i, (seq, _)) = offered(&[&a, &b]);
-            [&a, &b][i].channel.settle(&[seq], &[]).unwrap();
-            order.push(i);
-        }
+        // a is 19 behind, 3 more than the 16 (windows of one) it may be owed.
+        pass_over(port, &a, &b, 20);
+        let order = take_turns(port, &[&a, &b], 17);
         assert_eq!(order, [[0; 16].as_slice(), &[1]].concat(), "a should make up 16, then alternate");
     }
 
@@ -771,19 +771,12 @@ mod tests {
     fn a_worker_that_joins_late_is_not_flooded() {
         let (d, l, port) = setup(4);
         let (a, b) = (worker(&d, l), worker(&d, l));
-        for _ in 0..6 {
-            let _client = connect(port);
-            let (i, (seq, _)) = offered(&[&a, &b]);
-            [&a, &b][i].channel.settle(&[seq], &[]).unwrap();
-        }
+        take_turns(port, &[&a, &b], 6);
         // c was offered nothing so far; it joins level with the others and
         // takes one in three, not the next six.
         let c = worker(&d, l);
         let mut counts = [0; 3];
-        for _ in 0..6 {
-            let _client = connect(port);
-            let (i, (seq, _)) = offered(&[&a, &b, &c]);
-            [&a, &b, &c][i].channel.settle(&[seq], &[]).unwrap();
+        for i in take_turns(port, &[&a, &b, &c], 6) {
             counts[i] += 1;
         }
         assert_eq!(counts, [2, 2, 2]);
