@@ -7,17 +7,19 @@
 
 const env = require('./env.js');
 
+// The addon and the file it came from (for this process's workers).
 function load() {
-  const file = process.env[env.ADDON];
-  if (file) {
+  const given = process.env[env.ADDON];
+  if (given) {
     try {
-      return require(file);
+      return { binding: require(given), file: given };
     } catch {
       // Moved or removed since the primary started: detect as usual.
     }
   }
+  let binding;
   try {
-    return require('../binding.js');
+    binding = require('../binding.js');
   } catch (err) {
     const e = new Error('cluster-rs: the native addon is not built for this platform ' +
                         `(${process.platform}-${process.arch}). Run \`npm install\` in the package ` +
@@ -25,17 +27,11 @@ function load() {
     e.code = 'ERR_CLUSTER_RS_NO_ADDON';
     throw e;
   }
+  const file = Object.keys(require.cache).find((f) => f.endsWith('.node') && require.cache[f].exports === binding);
+  return { binding, file };
 }
 
-const binding = load();
-
-// The file the addon came from, for this process's workers.
-function addonFile() {
-  for (const [file, mod] of Object.entries(require.cache)) {
-    if (mod && mod.exports === binding && file.endsWith('.node')) return file;
-  }
-  return undefined;
-}
+const { binding, file } = load();
 
 module.exports = binding;
-module.exports.addonFile = addonFile;
+module.exports.addonFile = file;

@@ -31,7 +31,6 @@ const kStarted = Symbol('cluster-rs.started');
 // Set when the app stops a worker on purpose (kill/destroy): never restarted.
 const kStopped = Symbol('cluster-rs.stopped');
 let ids = 0;
-let addonFile; // the .node file this process loaded, for its workers
 let initialized = false;
 
 cluster.isWorker = false;
@@ -155,8 +154,7 @@ function createWorkerProcess(id, workerEnv, channel) {
     [ENV.CHANNEL_FD]: `${childFd}`,
     [ENV.PRIMARY_PID]: `${process.pid}`,
   };
-  addonFile ??= native.addonFile() ?? '';
-  if (addonFile) env[ENV.ADDON] = addonFile;
+  if (native.addonFile) env[ENV.ADDON] = native.addonFile;
   else delete env[ENV.ADDON];
   return fork(settings.exec, settings.args, {
     cwd: settings.cwd,

@@ -4,8 +4,9 @@
 //! plain numbers (`[listener, seq, fd, ...]`), one callback per wake-up rather
 //! than one per connection. In a worker the wake-up comes from the worker's
 //! own libuv loop (see `binding::worker_attach`). The descriptors stay owned
-//! here until JavaScript settles them: an accepted fd is handed over to the handle that wrapped it, a
-//! declined one is closed, and the primary hears about both in one write.
+//! here until JavaScript settles them: an accepted fd is handed over to the
+//! handle that wrapped it, a declined one is closed, and the primary hears
+//! about both in one write.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
