@@ -6,7 +6,7 @@
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
-const { runOk, runPrimary, one, killAll, tmpdir } = require('./helpers.js');
+const { runOk, runPrimary, one, killAll, tmpdir, DISPATCH } = require('./helpers.js');
 
 after(killAll);
 
@@ -200,7 +200,7 @@ test('malformed control messages are ignored by worker and primary', async () =>
 });
 
 test('junk records on the native channel are ignored', async () => {
-  const rs = await runOk('bad-input.js', ['native-garbage']);
+  const rs = await runOk('bad-input.js', ['native-garbage'], { env: DISPATCH });
   const r = one(rs, 'result');
   assert.deepEqual(r.reply, { wrote: 48, fd: true });
   assert.deepEqual(r.after, ['ok 1', 'ok 1', 'ok 1', 'ok 1']);

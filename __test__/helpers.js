@@ -261,7 +261,12 @@ function makeCert(dir) {
   return { key, cert };
 }
 
+// For tests of the dispatcher (the primary accepts and hands connections on),
+// which the ledger replaces by default on Linux.
+const DISPATCH = Object.freeze({ CLUSTER_RS_BALANCE: 'dispatch' });
+
 module.exports = {
+  DISPATCH,
   ROOT, FIXTURES, fixture, runPrimary, runOk, pick, one, alive, waitGone, groupMembers, procStat, which, tmpdir,
   hasIPv6Loopback, makeCert, killAll, killGroup,
 };

@@ -4,7 +4,7 @@
 
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { runPrimary, runOk, one, killAll, waitGone, alive } = require('./helpers.js');
+const { runPrimary, runOk, one, killAll, waitGone, alive, DISPATCH } = require('./helpers.js');
 
 after(killAll);
 
@@ -52,7 +52,7 @@ test('workers stuck in a busy loop still exit when the primary is SIGKILLed', as
 // node:cluster loses (strands) the connection it handed to the stuck worker,
 // so this one is cluster-rs only.
 test('connections held by a stuck worker are served by another once it is killed', async () => {
-  const result = await runOk('stuck-worker.js', ['12']);
+  const result = await runOk('stuck-worker.js', ['12'], { env: DISPATCH });
   const r = one(result, 'result');
   assert.deepEqual(r.errors, []);
   assert.equal(r.bodies.length, 12);

@@ -7,7 +7,7 @@ const assert = require('node:assert/strict');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
-const { runOk, one, killAll, which, hasIPv6Loopback, tmpdir } = require('./helpers.js');
+const { runOk, one, killAll, which, hasIPv6Loopback, tmpdir, DISPATCH } = require('./helpers.js');
 
 after(killAll);
 
@@ -27,9 +27,10 @@ test('a worker script that never requires cluster-rs shares the port; both worke
   }
 });
 
-test('round-robin: sequential requests alternate between workers; counters agree', async () => {
+for (const balance of ['ledger', 'dispatch']) {
+  test(`round-robin: sequential requests alternate between workers; counters agree (${balance})`, async () => {
   const N = 20;
-  const [rs, node] = await both('tcp.js', ['split', String(N)]);
+  const [rs, node] = await both('tcp.js', ['split', String(N)], { env: { CLUSTER_RS_BALANCE: balance } });
   const a = one(rs, 'result');
   const b = one(node, 'result');
   for (const r of [a, b]) {
@@ -51,15 +52,17 @@ test('round-robin: sequential requests alternate between workers; counters agree
   for (const id of [1, 2]) {
     const s = a.stats[id];
     const connections = a.reports[id - 1].connections;
-    assert.deepEqual(s, { handed: connections, accepted: connections, declined: 0, held: s.held }, `worker ${id}`);
+    const handed = balance === 'dispatch' ? connections : 0; // under the ledger workers accept themselves
+    assert.deepEqual(s, { handed, accepted: handed, declined: 0, held: s.held }, `worker ${id}`);
     assert.equal(connections, count(a.order, id) + 2);
   }
-});
+  });
+}
 
 for (const window of ['', '64']) {
   test(`a burst of 300 concurrent connections is served completely${window ? ' (CLUSTER_RS_WINDOW=64)' : ''}`,
        async () => {
-         const env = window ? { CLUSTER_RS_WINDOW: window } : {};
+         const env = window ? { ...DISPATCH, CLUSTER_RS_WINDOW: window } : {};
          const [rs, node] = await both('tcp.js', ['burst', '300'], { env });
          for (const result of [rs, node]) {
            const r = one(result, 'result');
@@ -73,6 +76,10 @@ for (const window of ['', '64']) {
          const r = one(rs, 'result');
          for (const id of [1, 2]) {
            const s = r.stats[id];
+           if (!window) { // the ledger: workers accept themselves, the primary hands nothing
+             assert.equal(s.handed, 0);
+             continue;
+           }
            assert.equal(s.handed, r.perWorker[id - 1]);
            assert.equal(s.declined, 0);
            assert.equal(s.accepted + s.held, s.handed);
@@ -128,19 +135,23 @@ test('pauseOnConnect and allowHalfOpen apply to connections handed to workers', 
   ]);
 });
 
-test('maxConnections: a full worker declines and the other worker serves', async () => {
-  const [rs, node] = await both('tcp.js', ['maxconn']);
-  for (const result of [rs, node]) {
-    const r = one(result, 'result');
-    assert.deepEqual(r.errors, []);
-    assert.deepEqual(r.bodies, ['2', '2', '2', '2', '2', '2', '2', '2']);
-    assert.equal(r.aConns, 1);
-  }
-  const { stats } = one(rs, 'result');
-  assert.equal(stats[1].accepted, 1);
-  assert.ok(stats[1].declined >= 4, JSON.stringify(stats));
-  assert.equal(stats[2].declined, 0);
-});
+for (const env of [{}, DISPATCH]) {
+  test(`maxConnections: a full worker declines and the other worker serves${env === DISPATCH ? ' (dispatch)' : ''}`,
+       async () => {
+         const [rs, node] = await both('tcp.js', ['maxconn'], { env });
+         for (const result of [rs, node]) {
+           const r = one(result, 'result');
+           assert.deepEqual(r.errors, []);
+           assert.deepEqual(r.bodies, ['2', '2', '2', '2', '2', '2', '2', '2']);
+           assert.equal(r.aConns, 1);
+         }
+         const { stats } = one(rs, 'result');
+         // Under the ledger worker 1 accepted itself and returned what it declined.
+         if (env === DISPATCH) assert.equal(stats[1].accepted, 1);
+         assert.ok(stats[1].declined >= 4, JSON.stringify(stats));
+         assert.equal(stats[2].declined, 0);
+       });
+}
 
 test('server.close() waits for open connections; then the worker listens on the same port again', async () => {
   const [rs, node] = await both('tcp.js', ['relisten']);
@@ -245,7 +256,7 @@ test('connections handed to a worker that closes its server go to the other work
   const dir = tmpdir();
   try {
     const [rs, node] = await Promise.all([
-      runOk('busy.js', ['closing', path.join(dir, 'rs')]),
+      runOk('busy.js', ['closing', path.join(dir, 'rs')], { env: DISPATCH }),
       runOk('busy.js', ['closing', path.join(dir, 'node')], { module: 'node' }),
     ]);
     for (const result of [rs, node]) {

@@ -12,7 +12,7 @@
 //   node bench/run.js --impl node-rr,single --rounds 5 --duration 10
 //
 // Flags (each overrides the --quick / full default):
-//   --impl a,b,...      node-rr, node-none, rs-rr, rs-none, rs-reuseport, single (default all;
+//   --impl a,b,...      node-rr, node-none, rs-rr, rs-dispatch, rs-none, rs-reuseport, single (default all;
 //                       rs-* are skipped with a message if cluster-rs cannot be
 //                       loaded, i.e. the addon is not built yet)
 //   --rounds N          interleaved rounds; every impl runs once per round and
@@ -45,12 +45,13 @@ const ROOT = path.resolve(__dirname, '..');
 // The cluster-rs build under test: this checkout, or another one (to compare builds).
 const RS_PATH = process.env.BENCH_RS_PATH ? path.resolve(process.env.BENCH_RS_PATH) : ROOT;
 const SERVER = path.join(__dirname, 'server.js');
-const ALL_IMPLS = ['node-rr', 'node-none', 'rs-rr', 'rs-none', 'rs-reuseport', 'single'];
+const ALL_IMPLS = ['node-rr', 'node-none', 'rs-rr', 'rs-dispatch', 'rs-none', 'rs-reuseport', 'single'];
 const ALL_SCENARIOS = ['close', 'keepalive', 'cpu'];
 const IMPL_DEF = {
   'node-rr': { impl: 'node', policy: 'rr' },
   'node-none': { impl: 'node', policy: 'none' },
   'rs-rr': { impl: 'rs', policy: 'rr' },
+  'rs-dispatch': { impl: 'rs', policy: 'rr', env: { CLUSTER_RS_BALANCE: 'dispatch' } },
   'rs-none': { impl: 'rs', policy: 'none' },
   'rs-reuseport': { impl: 'rs', policy: 'reuseport' },
   single: { impl: 'single', policy: null },
@@ -410,6 +411,7 @@ async function measure(implName, scenario, workers, cfg) {
     BENCH_RS_PATH: RS_PATH,
     BENCH_MAX_LIFE_MS: String(START_TIMEOUT_MS + (cfg.warmup + cfg.duration) * 1000 + 60000),
   });
+  Object.assign(env, def.env);
   delete env.NODE_UNIQUE_ID; // never let the primary think it is a worker
   delete env.NODE_CHANNEL_FD;
   if (def.policy) { env.BENCH_POLICY = def.policy; env.NODE_CLUSTER_SCHED_POLICY = def.policy; } else {

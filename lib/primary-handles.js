@@ -11,8 +11,10 @@ const UV_TCP_IPV6ONLY = 1;
 const UV_UDP_IPV6ONLY = 1;
 const UV_UDP_REUSEADDR = 4;
 
-// Round-robin: the native dispatcher owns and accepts on the socket; workers
-// attach to it by listener id over their data channel.
+// Round-robin: the native core owns the socket; workers attach to it by
+// listener id over their data channel. Either the dispatcher thread accepts
+// and hands connections on, or (`leased`, the ledger on Linux) each worker
+// accepts itself, kept to its fair share by a ledger in shared memory.
 class RoundRobinHandle {
   constructor(key, address, { port, fd, flags, backlog, readableAll, writableAll }) {
     this.key = key;
@@ -27,6 +29,7 @@ class RoundRobinHandle {
     }
     this.errno = result.errno;
     this.listener = result.id;
+    this.leased = Boolean(result.leased);
     this.sockname = result.port === undefined || result.port === null ? null :
       { address: result.address, family: result.family, port: result.port };
   }
@@ -34,7 +37,7 @@ class RoundRobinHandle {
   add(worker, send) {
     this.workers.set(worker.id, worker);
     if (this.errno) return send(this.errno, null, null);
-    const reply = { listener: this.listener };
+    const reply = { listener: this.listener, leased: this.leased };
     if (this.sockname) reply.sockname = this.sockname; // TCP only, as node:cluster
     send(null, reply, null);
   }

@@ -10,7 +10,7 @@ use napi::threadsafe_function::ThreadsafeFunctionCallMode;
 use napi_derive::napi;
 use once_cell::sync::OnceCell;
 
-use crate::dispatch::{Command, Dispatcher, DEFAULT_WINDOW};
+use crate::dispatch::{Balance, Command, Dispatcher, DEFAULT_WINDOW};
 use crate::sockets::{self, InetSpec, Listening};
 use crate::supervise::{Decision, Policy, Slots, Timers};
 use crate::sys::{self, SysError, SysResult};
@@ -28,6 +28,9 @@ pub struct SocketResult {
     pub address: Option<String>,
     pub family: Option<String>,
     pub port: Option<u32>,
+    /// Round-robin: workers accept themselves (the ledger), and each hears
+    /// its lease before its server is listening.
+    pub leased: bool,
 }
 
 #[napi(object)]
@@ -58,7 +61,11 @@ static WORKER: OnceCell<Arc<WorkerChannel>> = OnceCell::new();
 fn dispatcher() -> SysResult<&'static Dispatcher> {
     DISPATCHER.get_or_try_init(|| {
         let window = std::env::var("CLUSTER_RS_WINDOW").ok().and_then(|w| w.parse().ok()).unwrap_or(DEFAULT_WINDOW);
-        Dispatcher::start(window)
+        let balance = match std::env::var("CLUSTER_RS_BALANCE").as_deref() {
+            Ok("dispatch") => Balance::Dispatch,
+            _ => Balance::Ledger, // where there is one: Linux
+        };
+        Dispatcher::start(window, balance)
     })
 }
 
@@ -78,8 +85,8 @@ fn register(listening: SysResult<Listening>) -> SocketResult {
         let name = sockets::sockname(&listening.fd)?;
         let d = dispatcher()?;
         let id = d.next_id();
-        d.send(Command::AddListener { id, listening });
-        let mut out = SocketResult { id: id as i32, fd: -1, ..Default::default() };
+        let leased = d.add_listener(id, listening, name.is_some());
+        let mut out = SocketResult { id: id as i32, fd: -1, leased, ..Default::default() };
         if let Some(n) = name {
             out.address = Some(n.address);
             out.family = Some(n.family.to_string());
@@ -264,7 +271,44 @@ mod uv {
         pub fn uv_poll_start(handle: *mut c_void, events: c_int, cb: PollCb) -> c_int;
         pub fn uv_poll_stop(handle: *mut c_void) -> c_int;
         pub fn uv_unref(handle: *mut c_void);
+        pub fn uv_close(handle: *mut c_void, cb: CloseCb);
     }
+    pub type CloseCb = extern "C" fn(handle: *mut c_void);
+}
+
+/// A zeroed, unreferenced `uv_poll_t` of `uv_loop` watching `fd`, its `data`
+/// set; or a negative errno. The caller owns the allocation.
+fn new_poll(
+    uv_loop: *mut std::ffi::c_void,
+    fd: i32,
+    data: *mut std::ffi::c_void,
+    cb: uv::PollCb,
+) -> std::result::Result<*mut std::ffi::c_void, i32> {
+    // SAFETY: uv_handle_size only reads a constant table.
+    let size = unsafe { uv::uv_handle_size(uv::UV_POLL) };
+    // SAFETY: a zeroed allocation of the size libuv asks for.
+    let handle = unsafe { libc::calloc(1, size) };
+    if handle.is_null() {
+        return Err(-libc::ENOMEM);
+    }
+    // SAFETY: `handle` is writable memory of the right size and `uv_loop`
+    // is this thread's running loop, from napi_get_uv_event_loop.
+    let rc = unsafe { uv::uv_poll_init(uv_loop, handle, fd) };
+    if rc != 0 {
+        // SAFETY: not registered with the loop (init failed); ours to free.
+        unsafe { libc::free(handle) };
+        return Err(rc);
+    }
+    // SAFETY: the handle was just initialised; its first field is `void* data`.
+    unsafe { *handle.cast::<*mut std::ffi::c_void>() = data };
+    // SAFETY: the handle is initialised; the callback matches uv_poll_cb.
+    let rc = unsafe { uv::uv_poll_start(handle, uv::UV_READABLE, cb) };
+    // SAFETY: an initialised handle; unref so that it alone never keeps a worker alive.
+    unsafe { uv::uv_unref(handle) };
+    if rc != 0 {
+        return Err(rc);
+    }
+    Ok(handle)
 }
 
 /// What the poll callback needs; lives for the rest of the process (a worker
@@ -274,6 +318,12 @@ struct LoopReceiver {
     callback: napi::sys::napi_ref,
     context: napi::sys::napi_async_context,
     channel: Arc<WorkerChannel>,
+    uv_loop: *mut std::ffi::c_void,
+}
+
+thread_local! {
+    /// The worker's receiver, once attached (JS thread only).
+    static RECEIVER: std::cell::Cell<*const LoopReceiver> = const { std::cell::Cell::new(std::ptr::null()) };
 }
 
 fn napi_ok(status: napi::sys::napi_status, what: &str) -> Result<()> {
@@ -301,35 +351,21 @@ impl LoopReceiver {
             unsafe { napi::sys::napi_async_init(raw, std::ptr::null_mut(), name.raw(), &mut context) },
             "napi_async_init",
         )?;
-        Ok(LoopReceiver { env: raw, callback: reference, context, channel })
+        Ok(LoopReceiver { env: raw, callback: reference, context, channel, uv_loop: std::ptr::null_mut() })
     }
 
     /// Registers the poll handle; returns 0 or a negative errno.
-    fn start(self, uv_loop: *mut std::ffi::c_void) -> i32 {
+    fn start(mut self, uv_loop: *mut std::ffi::c_void) -> i32 {
         let fd = self.channel.raw_fd();
-        // SAFETY: uv_handle_size only reads a constant table.
-        let size = unsafe { uv::uv_handle_size(uv::UV_POLL) };
-        // SAFETY: a zeroed allocation of the size libuv asks for; never freed,
-        // since the handle watches the channel for the rest of the process.
-        let handle = unsafe { libc::calloc(1, size) };
-        if handle.is_null() {
-            return -libc::ENOMEM;
+        self.uv_loop = uv_loop;
+        // Lives for the rest of the process: the handle watches the channel
+        // until the worker exits, and acceptors deliver through it.
+        let data = Box::into_raw(Box::new(self));
+        RECEIVER.with(|r| r.set(data));
+        match new_poll(uv_loop, fd, data.cast(), on_channel_readable) {
+            Ok(_) => 0,
+            Err(rc) => rc,
         }
-        // SAFETY: `handle` is writable memory of the right size and `uv_loop`
-        // is this thread's running loop, from napi_get_uv_event_loop.
-        let rc = unsafe { uv::uv_poll_init(uv_loop, handle, fd) };
-        if rc != 0 {
-            return rc;
-        }
-        // `data` is the first field of every uv handle.
-        let data = Box::into_raw(Box::new(self)).cast::<std::ffi::c_void>();
-        // SAFETY: the handle was just initialised; its first field is `void* data`.
-        unsafe { *handle.cast::<*mut std::ffi::c_void>() = data };
-        // SAFETY: the handle is initialised; the callback matches uv_poll_cb.
-        let rc = unsafe { uv::uv_poll_start(handle, uv::UV_READABLE, on_channel_readable) };
-        // SAFETY: an initialised handle; unref so the channel alone never keeps a worker alive.
-        unsafe { uv::uv_unref(handle) };
-        rc
     }
 
     /// Calls the JS callback with one batch, as any libuv I/O callback would.
@@ -370,7 +406,15 @@ extern "C" fn on_channel_readable(handle: *mut std::ffi::c_void, status: std::ff
     // SAFETY: `data` was set to a leaked LoopReceiver before the poll started.
     let receiver = unsafe { &*(*handle.cast::<*mut LoopReceiver>()) };
     let mut batch = Vec::new();
-    let open = status == 0 && receiver.channel.drain(&mut batch).unwrap_or(false);
+    let mut leases = Vec::new();
+    let open = status == 0 && receiver.channel.drain(&mut batch, &mut leases).unwrap_or(false);
+    for lease in leases {
+        #[cfg(target_os = "linux")]
+        if let Some(grant) = lease.grant {
+            direct::start(receiver, lease.listener, grant);
+        }
+        batch.extend_from_slice(&[lease.listener, crate::worker_channel::LEASED, 0]);
+    }
     if !batch.is_empty() {
         receiver.deliver(batch);
     }
@@ -397,7 +441,94 @@ pub fn worker_ready(listener: u32) -> i32 {
 
 #[napi]
 pub fn worker_gone(listener: u32) -> i32 {
+    #[cfg(target_os = "linux")]
+    direct::stop(listener);
     WORKER.get().map(|w| errno_of(w.gone(listener))).unwrap_or(0)
+}
+
+/// Worker side of the ledger: one uv_poll per leased listener, on the
+/// acceptor's epoll descriptor, delivering through the channel's receiver.
+#[cfg(target_os = "linux")]
+mod direct {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::ffi::{c_int, c_void};
+
+    use super::{new_poll, uv, LoopReceiver, RECEIVER};
+    use crate::acceptor::Acceptor;
+    use crate::worker_channel::Grant;
+
+    /// How far ahead of the least-served worker one may accept while
+    /// connections queue (`CLUSTER_RS_LAG`).
+    const DEFAULT_LAG: u64 = 64;
+
+    struct Direct {
+        listener: u32,
+        acceptor: Acceptor,
+    }
+
+    thread_local! {
+        static POLLS: RefCell<HashMap<u32, *mut c_void>> = RefCell::new(HashMap::new());
+    }
+
+    pub fn start(receiver: &LoopReceiver, listener: u32, grant: Grant) {
+        let lag = std::env::var("CLUSTER_RS_LAG").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_LAG);
+        let Ok(acceptor) = Acceptor::new(grant.socket, grant.table, grant.progress, grant.slot as usize, lag) else {
+            // The slot stays free; connections still reach this worker when
+            // others return them.
+            return;
+        };
+        stop(listener);
+        let fd = acceptor.poll_fd();
+        let data = Box::into_raw(Box::new(Direct { listener, acceptor }));
+        match new_poll(receiver.uv_loop, fd, data.cast(), on_ready) {
+            Ok(handle) => POLLS.with(|p| p.borrow_mut().insert(listener, handle)),
+            // SAFETY: `data` came from Box::into_raw above and no handle refers to it.
+            Err(_) => return drop(unsafe { Box::from_raw(data) }),
+        };
+    }
+
+    /// Stops accepting on `listener` at once; the handle is freed once libuv
+    /// has closed it.
+    pub fn stop(listener: u32) {
+        let Some(handle) = POLLS.with(|p| p.borrow_mut().remove(&listener)) else { return };
+        // SAFETY: `data` is the Direct this handle was started with; no other
+        // reference to it is live (we are not inside its callback's borrow).
+        let direct = unsafe { &mut *(*handle.cast::<*mut Direct>()) };
+        direct.acceptor.leave();
+        // SAFETY: an active poll handle of this loop, closed once.
+        unsafe {
+            uv::uv_poll_stop(handle);
+            uv::uv_close(handle, on_closed);
+        }
+    }
+
+    extern "C" fn on_closed(handle: *mut c_void) {
+        // SAFETY: libuv is done with the handle; `data` is the boxed Direct.
+        unsafe {
+            drop(Box::from_raw(*handle.cast::<*mut Direct>()));
+            libc::free(handle);
+        }
+    }
+
+    extern "C" fn on_ready(handle: *mut c_void, _status: c_int, _events: c_int) {
+        let (listener, fds) = {
+            // SAFETY: `data` is the boxed Direct; the borrow ends before JS runs.
+            let direct = unsafe { &mut *(*handle.cast::<*mut Direct>()) };
+            let mut fds = Vec::new();
+            direct.acceptor.run(&mut fds);
+            (direct.listener, fds)
+        };
+        if fds.is_empty() {
+            return;
+        }
+        let receiver = RECEIVER.with(|r| r.get());
+        // SAFETY: set before any lease could arrive, and never freed.
+        let receiver = unsafe { &*receiver };
+        let mut batch = Vec::with_capacity(fds.len() * 3);
+        receiver.channel.adopt(listener, fds, &mut batch);
+        receiver.deliver(batch);
+    }
 }
 
 /// An unbound socket of the given kind ("tcp4", "tcp6", "unix", "udp4", "udp6"),

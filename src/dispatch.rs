@@ -11,6 +11,12 @@
 //! - A connection that every attached worker declined is closed, as a single
 //!   server at `maxConnections` closes it.
 //!
+//! Under the ledger (Linux; `Balance::Ledger`) the thread accepts nothing: a
+//! worker that attaches gets a `Lease` (the listening socket and the
+//! listener's ledger, see `ledger`) and accepts on its own. The thread then
+//! only keeps the ledger's slots and hands on the connections a worker
+//! returns, by the rules above.
+//!
 //! JavaScript talks to the thread through commands and a wake-up socket only.
 
 use std::collections::{HashMap, VecDeque};
@@ -37,6 +43,15 @@ pub const DEFAULT_WINDOW: usize = 8;
 /// difference, in windows (see `Listener::offer`).
 const CATCH_UP_WINDOWS: u64 = 16;
 
+/// Who accepts the connections of a round-robin listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// This thread accepts and hands each connection to a worker.
+    Dispatch,
+    /// Workers accept themselves, kept fair by a shared ledger (Linux only).
+    Ledger,
+}
+
 pub enum Command {
     /// The primary's end of a new worker's channel.
     AddChannel {
@@ -54,6 +69,8 @@ pub enum Command {
     AddListener {
         id: u32,
         listening: Listening,
+        #[cfg(target_os = "linux")]
+        ledger: Option<ledger_share::ListenerLedger>,
     },
     /// No worker listens any more: close the socket and what waits on it.
     /// `done` hears once it is closed, so the port can be bound again at once.
@@ -79,6 +96,7 @@ pub struct ChannelStats {
 }
 
 pub struct Dispatcher {
+    balance: Balance,
     commands: Option<mpsc::Sender<Command>>,
     wake: OwnedFd,
     next_id: AtomicU32,
@@ -86,7 +104,7 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn start(window: usize) -> SysResult<Dispatcher> {
+    pub fn start(window: usize, balance: Balance) -> SysResult<Dispatcher> {
         let (wake, wake_rx) = sys::stream_pair()?;
         sys::set_nonblocking(wake.as_fd(), true)?;
         sys::set_nonblocking(wake_rx.as_fd(), true)?;
@@ -107,7 +125,8 @@ impl Dispatcher {
                 syscall: "pthread_create",
                 errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
             })?;
-        Ok(Dispatcher { commands: Some(tx), wake, next_id: AtomicU32::new(1), thread: Some(thread) })
+        let balance = if cfg!(target_os = "linux") { balance } else { Balance::Dispatch };
+        Ok(Dispatcher { commands: Some(tx), wake, next_id: AtomicU32::new(1), thread: Some(thread), balance })
     }
 
     /// A fresh id for a listener or a channel.
@@ -120,6 +139,30 @@ impl Dispatcher {
             if tx.send(command).is_ok() {
                 self.wake_up();
             }
+        }
+    }
+
+    /// Adds a listener; true when its workers will accept themselves (the
+    /// ledger). Only TCP listeners have a ledger: a Unix socket cannot tell
+    /// how many connections wait, which strict turns need.
+    pub fn add_listener(&self, id: u32, listening: Listening, tcp: bool) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            // Without a ledger (out of memory or descriptors) this thread
+            // accepts, as under Dispatch.
+            let ledger = match self.balance {
+                Balance::Ledger if tcp => ledger_share::ListenerLedger::create().ok(),
+                _ => None,
+            };
+            let leased = ledger.is_some();
+            self.send(Command::AddListener { id, listening, ledger });
+            leased
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = tcp;
+            self.send(Command::AddListener { id, listening });
+            false
         }
     }
 
@@ -172,6 +215,9 @@ struct Listener {
     cursor: usize,
     /// Accepted connections that no worker could take yet.
     pending: VecDeque<Conn>,
+    /// Under the ledger: workers accept themselves.
+    #[cfg(target_os = "linux")]
+    ledger: Option<ledger_share::ListenerLedger>,
 }
 
 impl Listener {
@@ -198,7 +244,30 @@ impl Listener {
         self.cursor = (index + 1) % self.members.len();
     }
 
+    /// Whether workers accept on this listener themselves (the ledger).
+    fn leased(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.ledger.is_some();
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+
+    /// Under the ledger: a slot for `channel` and the lease that tells it so.
+    fn lease(&mut self, listener: u32, channel: u32) -> Option<(Record, Vec<OwnedFd>)> {
+        #[cfg(target_os = "linux")]
+        return self.ledger.as_mut()?.lease(listener, channel, &self.socket.fd);
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (listener, channel);
+            None
+        }
+    }
+
     fn detach(&mut self, channel: u32) {
+        #[cfg(target_os = "linux")]
+        if let Some(ledger) = self.ledger.as_mut() {
+            ledger.release(channel);
+        }
         if let Some(i) = self.members.iter().position(|&c| c == channel) {
             self.members.remove(i);
             self.offered.remove(i);
@@ -214,6 +283,8 @@ impl Listener {
 
 struct Channel {
     fd: OwnedFd,
+    /// Leases to send before any connection: the record and its descriptors.
+    leases: Vec<(Record, Vec<OwnedFd>)>,
     /// Every connection handed to this worker and not yet acked, by sequence.
     held: HashMap<u32, Conn>,
     /// Sequences assigned to this worker but not yet written.
@@ -291,7 +362,7 @@ impl Loop {
         let mut fds = vec![PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
         if !self.starved {
             for (&id, l) in &self.listeners {
-                if l.pending.is_empty() && self.room(l) > 0 {
+                if l.pending.is_empty() && self.room(l) > 0 && !l.leased() {
                     tokens.push(Token::Listener(id));
                     fds.push(PollFd::new(l.socket.fd.as_fd(), PollFlags::POLLIN));
                 }
@@ -299,7 +370,7 @@ impl Loop {
         }
         for (&id, c) in &self.channels {
             let mut events = PollFlags::POLLIN;
-            if !c.tail.is_empty() || !c.queued.is_empty() {
+            if !c.tail.is_empty() || !c.queued.is_empty() || !c.leases.is_empty() {
                 events |= PollFlags::POLLOUT;
             }
             tokens.push(Token::Channel(id));
@@ -338,6 +409,7 @@ impl Loop {
                         id,
                         Channel {
                             fd,
+                            leases: Vec::new(),
                             held: HashMap::new(),
                             queued: Vec::new(),
                             tail: Vec::new(),
@@ -352,11 +424,17 @@ impl Loop {
             Command::RetireChannel { id } => {
                 if let Some(c) = self.channels.get_mut(&id) {
                     c.retired = true;
+                    c.leases.clear();
                 }
                 self.listeners.values_mut().for_each(|l| l.detach(id));
             }
             Command::RemoveChannel { id } => self.remove_channel(id),
-            Command::AddListener { id, listening } => {
+            Command::AddListener {
+                id,
+                listening,
+                #[cfg(target_os = "linux")]
+                ledger,
+            } => {
                 self.listeners.insert(
                     id,
                     Listener {
@@ -365,11 +443,20 @@ impl Loop {
                         offered: Vec::new(),
                         cursor: 0,
                         pending: VecDeque::new(),
+                        #[cfg(target_os = "linux")]
+                        ledger,
                     },
                 );
             }
             Command::CloseListener { id, done } => {
-                self.listeners.remove(&id);
+                if let Some(l) = self.listeners.remove(&id) {
+                    if l.leased() {
+                        // Workers hold the same socket and may not have closed
+                        // theirs yet; shutting it down stops it listening for
+                        // all of them, so the port is free once this returns.
+                        let _ = nix::sys::socket::shutdown(l.socket.fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+                    }
+                }
                 self.starved = false;
                 if let Some(done) = done {
                     let _ = done.send(());
@@ -454,14 +541,14 @@ impl Loop {
         let mut buf = [0u8; RECORD_LEN * 64];
         loop {
             let mut fds = Vec::new();
-            match wire::recv(c.fd.as_raw_fd(), &mut buf, &mut fds).map(|r| r.bytes) {
-                Ok(0) => {
+            match wire::recv(c.fd.as_raw_fd(), &mut buf, &mut fds).map(|r| (r.bytes, r.truncated)) {
+                Ok((0, _)) => {
                     c.broken = true;
                     break;
                 }
-                // Descriptors from a worker are never expected; the decoder drops them.
-                Ok(n) => {
-                    c.decoder.push(&buf[..n], fds, false);
+                // Only `Return` records carry descriptors; the decoder drops any others.
+                Ok((n, truncated)) => {
+                    c.decoder.push(&buf[..n], fds, truncated);
                     // A short read emptied the socket; poll is level-triggered,
                     // so a further read would only return EAGAIN.
                     if n < buf.len() {
@@ -478,8 +565,14 @@ impl Loop {
         }
         let mut incoming = Vec::new();
         c.decoder.drain(&mut incoming);
-        for Incoming { record, .. } in incoming {
-            self.on_record(id, record);
+        for Incoming { record, fds } in incoming {
+            match (record, fds) {
+                (Record::Return { listener }, Some(mut fds)) => {
+                    let fd = fds.pop().unwrap();
+                    self.returned(id, listener, fd);
+                }
+                (record, _) => self.on_record(id, record),
+            }
         }
     }
 
@@ -511,6 +604,12 @@ impl Loop {
                 }
                 if let Some(l) = self.listeners.get_mut(&listener) {
                     l.attach(id);
+                    if l.leased() {
+                        // Without a slot or descriptors for it, the worker
+                        // still hears, and still gets what others return.
+                        let lease = l.lease(listener, id);
+                        c.leases.push(lease.unwrap_or((Record::NoLease { listener }, Vec::new())));
+                    }
                 }
             }
             Record::Gone { listener } => {
@@ -518,7 +617,21 @@ impl Loop {
                     l.detach(id);
                 }
             }
-            Record::Conn { .. } => {}
+            Record::Return { .. } => {} // comes with its descriptor, see read_channel
+            Record::Conn { .. } | Record::Lease { .. } | Record::NoLease { .. } => {}
+        }
+    }
+
+    /// A connection a worker accepted itself but declined: for another worker.
+    fn returned(&mut self, id: u32, listener: u32, fd: OwnedFd) {
+        let leased = self.listeners.get(&listener).is_some_and(|l| l.leased());
+        if let Some(c) = self.channels.get_mut(&id) {
+            c.stats.declined += 1;
+        }
+        // From a worker that may not accept on it, it is not a connection of
+        // this listener; dropping it closes it.
+        if leased {
+            self.requeue(Conn { fd, listener, declined_by: vec![id] });
         }
     }
 
@@ -549,9 +662,84 @@ impl Loop {
     }
 }
 
+#[cfg(target_os = "linux")]
+mod ledger_share {
+    use std::collections::HashMap;
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+
+    use crate::ledger::shared::SharedTable;
+    use crate::sys::{self, SysResult, Syscall};
+    use crate::wire::Record;
+
+    /// The primary's side of a listener's ledger: the table, the eventfd
+    /// that tells waiting workers of progress, and who holds which slot.
+    pub struct ListenerLedger {
+        table: SharedTable,
+        memfd: OwnedFd,
+        progress: OwnedFd,
+        slots: HashMap<u32, usize>,
+    }
+
+    impl ListenerLedger {
+        pub fn create() -> SysResult<ListenerLedger> {
+            let (table, memfd) = SharedTable::create()?;
+            let progress = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .syscall("eventfd")?
+                .into();
+            Ok(ListenerLedger { table, memfd, progress, slots: HashMap::new() })
+        }
+
+        /// A slot for `channel` and the lease record with its descriptors;
+        /// None when it has one already, or no slot or descriptor is left.
+        pub fn lease(&mut self, listener: u32, channel: u32, socket: &OwnedFd) -> Option<(Record, Vec<OwnedFd>)> {
+            if self.slots.contains_key(&channel) {
+                return None;
+            }
+            let slot = self.table.free_slot(|i| self.slots.values().any(|&s| s == i))?;
+            let fds = [socket, &self.memfd, &self.progress]
+                .iter()
+                .map(|fd| sys::dup_cloexec(fd.as_raw_fd()))
+                .collect::<SysResult<Vec<OwnedFd>>>()
+                .ok()?;
+            // The worker takes the slot (`Table::attach`) once it can accept.
+            self.slots.insert(channel, slot);
+            Some((Record::Lease { listener, slot: slot as u32 }, fds))
+        }
+
+        /// `channel` no longer accepts here: free its slot, and wake anyone
+        /// who was waiting for it.
+        pub fn release(&mut self, channel: u32) {
+            if let Some(slot) = self.slots.remove(&channel) {
+                self.table.detach(slot);
+                let _ = nix::unistd::write(self.progress.as_fd(), &1u64.to_ne_bytes());
+            }
+        }
+    }
+}
+
 fn flush_channel(c: &mut Channel) {
     if c.broken {
         return;
+    }
+    // A lease is sent whole, before anything else: the tail is empty here.
+    while c.tail.is_empty() && !c.leases.is_empty() {
+        let (record, fds) = &c.leases[0];
+        let mut bytes = Vec::with_capacity(RECORD_LEN);
+        record.encode(&mut bytes);
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        match wire::send(c.fd.as_raw_fd(), &bytes, &raw) {
+            Ok(n) => {
+                c.tail.extend_from_slice(&bytes[n..]);
+                c.leases.remove(0);
+            }
+            Err(e) if sys::would_block(e.errno) => return,
+            Err(_) => {
+                c.broken = true;
+                return;
+            }
+        }
     }
     if !c.tail.is_empty() {
         match wire::send(c.fd.as_raw_fd(), &c.tail, &[]) {
@@ -648,7 +836,7 @@ mod tests {
     }
 
     fn setup(window: usize) -> (Dispatcher, u32, u16) {
-        let d = Dispatcher::start(window).unwrap();
+        let d = Dispatcher::start(window, Balance::Dispatch).unwrap();
         let spec = InetSpec {
             host: Some(Ipv4Addr::LOCALHOST.into()),
             scope_id: 0,
@@ -660,7 +848,7 @@ mod tests {
         let listening = sockets::listen_tcp(&spec, 64).unwrap();
         let port = sockets::sockname(&listening.fd).unwrap().unwrap().port;
         let id = d.next_id();
-        d.send(Command::AddListener { id, listening });
+        d.add_listener(id, listening, true);
         (d, id, port)
     }
 

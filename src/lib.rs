@@ -4,11 +4,16 @@
 //! - `sockets`: the listening and shared sockets a primary creates.
 //! - `wire`: the record protocol of a primary↔worker data channel.
 //! - `dispatch`: the primary's accept-and-hand-off thread.
+//! - `ledger`: fair shares when workers accept themselves.
+//! - `acceptor` (Linux): a worker's own accept under the ledger.
 //! - `worker_channel`: the worker's receiving end.
 //! - `supervise`: restart backoff and its timers.
 //! - `binding` (feature `node`): the napi functions `lib/native.js` calls.
 
+#[cfg(target_os = "linux")]
+pub mod acceptor;
 pub mod dispatch;
+pub mod ledger;
 pub mod sockets;
 pub mod supervise;
 pub mod sys;

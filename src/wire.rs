@@ -1,13 +1,14 @@
 //! The data channel between a primary and one worker: a Unix stream socket
 //! carrying fixed-size records, with connection descriptors in `SCM_RIGHTS`.
 //!
-//! Every `Conn` record owns exactly one descriptor. Descriptors ride on the
-//! first byte of the `sendmsg` that carries their records, so they never arrive
-//! later than their records; the receiver keeps them in a FIFO and pairs each
-//! `Conn` record with the next one. That pairing survives any split of the byte
-//! stream, including a short write. When the receiver could not take every
-//! descriptor (out of fds: the kernel truncates `SCM_RIGHTS`), the records
-//! that lost theirs are marked, so they can be declined instead of mispaired.
+//! Some records own descriptors (`Conn` and `Return` one each, `Lease`
+//! three). Descriptors ride on the first byte of the `sendmsg` that carries
+//! their records, so they never arrive later than their records; the receiver
+//! keeps them in a FIFO and gives each record the next ones. That pairing
+//! survives any split of the byte stream, including a short write. When the
+//! receiver could not take every descriptor (out of fds: the kernel truncates
+//! `SCM_RIGHTS`), the records that lost theirs are marked, so they can be
+//! declined instead of mispaired.
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut};
@@ -31,12 +32,33 @@ pub enum Record {
     Ready { listener: u32 },
     /// worker → primary: stop sending connections of `listener`.
     Gone { listener: u32 },
+    /// primary → worker: accept on `listener` yourself, as `slot` of its
+    /// ledger; carries the listening socket, the ledger and its progress eventfd.
+    Lease { listener: u32, slot: u32 },
+    /// primary → worker: no lease on `listener` after all (no slot or
+    /// descriptor left); the worker gets only what others return.
+    NoLease { listener: u32 },
+    /// worker → primary: a connection of `listener` that the worker accepted
+    /// itself but cannot take; carries it, for another worker.
+    Return { listener: u32 },
 }
 
 const CONN: u32 = 1;
 const ACK: u32 = 2;
 const READY: u32 = 3;
 const GONE: u32 = 4;
+const LEASE: u32 = 5;
+const RETURN: u32 = 6;
+const NO_LEASE: u32 = 7;
+
+/// How many descriptors a record of this kind carries.
+fn fds_carried(kind: u32) -> usize {
+    match kind {
+        CONN | RETURN => 1,
+        LEASE => 3,
+        _ => 0,
+    }
+}
 
 impl Record {
     pub fn encode(self, out: &mut Vec<u8>) {
@@ -45,6 +67,9 @@ impl Record {
             Record::Ack { seq, accepted } => (ACK, seq, accepted as u32),
             Record::Ready { listener } => (READY, listener, 0),
             Record::Gone { listener } => (GONE, listener, 0),
+            Record::Lease { listener, slot } => (LEASE, listener, slot),
+            Record::Return { listener } => (RETURN, listener, 0),
+            Record::NoLease { listener } => (NO_LEASE, listener, 0),
         };
         for word in [kind, a, b] {
             out.extend_from_slice(&word.to_ne_bytes());
@@ -60,6 +85,9 @@ impl Record {
             ACK if b <= 1 => Some(Record::Ack { seq: a, accepted: b == 1 }),
             READY => Some(Record::Ready { listener: a }),
             GONE => Some(Record::Gone { listener: a }),
+            LEASE => Some(Record::Lease { listener: a, slot: b }),
+            RETURN => Some(Record::Return { listener: a }),
+            NO_LEASE => Some(Record::NoLease { listener: a }),
             _ => None,
         }
     }
@@ -73,12 +101,12 @@ pub struct Decoder {
     fds: VecDeque<Option<OwnedFd>>,
 }
 
-/// A decoded record. A `Conn` has its descriptor, or `None` when it was lost
-/// to a truncated `SCM_RIGHTS` message.
+/// A decoded record with the descriptors it carries, in the order sent, or
+/// `None` when some were lost to a truncated `SCM_RIGHTS` message.
 #[derive(Debug)]
 pub struct Incoming {
     pub record: Record,
-    pub fd: Option<OwnedFd>,
+    pub fds: Option<Vec<OwnedFd>>,
 }
 
 /// What one `recv` read.
@@ -100,11 +128,12 @@ impl Decoder {
         if truncated {
             // The buffer starts on a record boundary, so records begin at multiples of RECORD_LEN.
             let first = start.div_ceil(RECORD_LEN) * RECORD_LEN;
-            let conns = (first..self.bytes.len())
+            let wanted: usize = (first..self.bytes.len())
                 .step_by(RECORD_LEN)
-                .filter(|&at| self.bytes.get(at..at + 4).is_some_and(|k| k == CONN.to_ne_bytes()))
-                .count();
-            self.fds.extend((got..conns).map(|_| None));
+                .filter_map(|at| self.bytes.get(at..at + 4))
+                .map(|kind| fds_carried(u32::from_ne_bytes(kind.try_into().unwrap())))
+                .sum();
+            self.fds.extend((got..wanted).map(|_| None));
         }
     }
 
@@ -112,15 +141,17 @@ impl Decoder {
     pub fn drain(&mut self, out: &mut Vec<Incoming>) {
         let whole = self.bytes.len() / RECORD_LEN * RECORD_LEN;
         for chunk in self.bytes[..whole].chunks_exact(RECORD_LEN) {
+            let kind = u32::from_ne_bytes(chunk[..4].try_into().unwrap());
+            let wanted = fds_carried(kind);
+            if self.fds.len() < wanted {
+                // Descriptors never arrive after their record: a record that
+                // finds too few was sent without them, and is malformed.
+                continue;
+            }
+            let fds: Vec<Option<OwnedFd>> = self.fds.drain(..wanted).collect();
             let Some(record) = Record::decode(chunk.try_into().unwrap()) else { continue };
-            let fd = match record {
-                Record::Conn { .. } => match self.fds.pop_front() {
-                    Some(fd) => fd,
-                    None => continue, // a Conn nobody sent a descriptor for is malformed: skip it
-                },
-                _ => None,
-            };
-            out.push(Incoming { record, fd });
+            let fds = fds.into_iter().collect::<Option<Vec<OwnedFd>>>();
+            out.push(Incoming { record, fds });
         }
         self.bytes.drain(..whole);
     }
@@ -174,6 +205,9 @@ mod tests {
             Record::Ack { seq: 4, accepted: false },
             Record::Ready { listener: 1 },
             Record::Gone { listener: 2 },
+            Record::Lease { listener: 3, slot: 254 },
+            Record::Return { listener: 4 },
+            Record::NoLease { listener: 5 },
         ];
         for r in all {
             let mut out = Vec::new();
@@ -229,11 +263,11 @@ mod tests {
         }
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].record, Record::Conn { listener: 1, seq: 10 });
-        assert!(out[1].fd.is_none());
+        assert!(out[1].fds.as_ref().unwrap().is_empty());
         assert_eq!(out[2].record, Record::Conn { listener: 2, seq: 11 });
         // The received fds are new descriptors for the same sockets, in order:
         // writing into the first one's peer is readable through it.
-        let first = out[0].fd.as_ref().unwrap();
+        let first = &out[0].fds.as_ref().unwrap()[0];
         nix::unistd::write(b.as_fd(), b"hi").unwrap();
         let mut two = [0u8; 2];
         assert_eq!(nix::unistd::read(first.as_fd(), &mut two).unwrap(), 2);
@@ -262,17 +296,44 @@ mod tests {
         d.push(&rest, vec![x], true);
         let mut out = Vec::new();
         d.drain(&mut out);
-        let fds: Vec<(Record, bool)> = out.iter().map(|i| (i.record, i.fd.is_some())).collect();
+        let fds: Vec<(Record, Option<usize>)> =
+            out.iter().map(|i| (i.record, i.fds.as_ref().map(|f| f.len()))).collect();
         assert_eq!(
             fds,
             vec![
-                (Record::Conn { listener: 1, seq: 1 }, true),
-                (Record::Conn { listener: 1, seq: 2 }, true),
-                (Record::Ready { listener: 1 }, false),
-                (Record::Conn { listener: 1, seq: 3 }, false),
-                (Record::Conn { listener: 1, seq: 4 }, false),
+                (Record::Conn { listener: 1, seq: 1 }, Some(1)),
+                (Record::Conn { listener: 1, seq: 2 }, Some(1)),
+                (Record::Ready { listener: 1 }, Some(0)),
+                (Record::Conn { listener: 1, seq: 3 }, None),
+                (Record::Conn { listener: 1, seq: 4 }, None),
             ]
         );
+    }
+
+    #[test]
+    fn a_lease_takes_three_descriptors_and_a_return_one() {
+        let pairs: Vec<(OwnedFd, OwnedFd)> = (0..4).map(|_| sys::stream_pair().unwrap()).collect();
+        let raw: Vec<RawFd> = pairs.iter().map(|(a, _)| a.as_raw_fd()).collect();
+        let bytes = encode_all(&[
+            Record::Lease { listener: 1, slot: 2 },
+            Record::Ready { listener: 1 },
+            Record::Return { listener: 1 },
+        ]);
+        let (sa, sb) = sys::stream_pair().unwrap();
+        send(sa.as_raw_fd(), &bytes, &raw).unwrap();
+        let mut buf = [0u8; 64];
+        let mut got = Vec::new();
+        let n = recv(sb.as_raw_fd(), &mut buf, &mut got).unwrap().bytes;
+        let mut d = Decoder::default();
+        d.push(&buf[..n], got, false);
+        let mut out = Vec::new();
+        d.drain(&mut out);
+        let counts: Vec<usize> = out.iter().map(|i| i.fds.as_ref().unwrap().len()).collect();
+        assert_eq!(counts, vec![3, 0, 1]);
+        // The return got the fourth descriptor: its peer's writes read through it.
+        nix::unistd::write(pairs[3].1.as_fd(), b"4").unwrap();
+        let mut one = [0u8; 1];
+        assert_eq!(nix::unistd::read(out[2].fds.as_ref().unwrap()[0].as_fd(), &mut one).unwrap(), 1);
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! here until JavaScript settles them: an accepted fd is handed over to the
 //! handle that wrapped it, a declined one is closed, and the primary hears
 //! about both in one write.
+//!
+//! Under the ledger the primary sends a `Lease` instead of connections: the
+//! worker accepts on the listener itself (`acceptor`), and those connections
+//! join the same batches, with sequence numbers of their own (`DIRECT` set).
+//! One the worker cannot take goes back to the primary (`Return`) for another.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -16,12 +21,35 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::sys::{self, SysError, SysResult};
-use crate::wire::{self, Decoder, Incoming, Record, RECORD_LEN};
+use crate::wire::{self, Decoder, Incoming, Record, MAX_FDS_PER_MSG, RECORD_LEN};
+
+/// Set in the sequence numbers of connections the worker accepted itself;
+/// the primary numbers its own below it.
+pub const DIRECT: u32 = 1 << 31;
+/// The sequence number of a batch entry that says "your lease on this
+/// listener is settled": accepting (or not) starts now. Its fd is 0.
+pub const LEASED: u32 = u32::MAX;
+
+/// The primary's answer to `Ready` on a listener under the ledger: leave to
+/// accept on it (see `wire::Record::Lease`), or `None` (`NoLease`).
+pub struct Lease {
+    pub listener: u32,
+    pub grant: Option<Grant>,
+}
+
+pub struct Grant {
+    pub slot: u32,
+    pub socket: OwnedFd,
+    pub table: OwnedFd,
+    pub progress: OwnedFd,
+}
 
 pub struct WorkerChannel {
     fd: OwnedFd,
     decoder: Mutex<Decoder>,
-    unsettled: Mutex<HashMap<u32, OwnedFd>>,
+    /// Delivered, not yet settled: sequence → (listener, descriptor).
+    unsettled: Mutex<HashMap<u32, (u32, OwnedFd)>>,
+    next_direct: Mutex<u32>,
 }
 
 impl WorkerChannel {
@@ -31,7 +59,12 @@ impl WorkerChannel {
     pub fn new(fd: OwnedFd) -> SysResult<WorkerChannel> {
         sys::set_cloexec(fd.as_fd())?;
         sys::set_nonblocking(fd.as_fd(), true)?;
-        Ok(WorkerChannel { fd, decoder: Mutex::default(), unsettled: Mutex::new(HashMap::new()) })
+        Ok(WorkerChannel {
+            fd,
+            decoder: Mutex::default(),
+            unsettled: Mutex::new(HashMap::new()),
+            next_direct: Mutex::new(0),
+        })
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -39,9 +72,9 @@ impl WorkerChannel {
     }
 
     /// Reads everything there is without blocking and appends each received
-    /// connection to `batch` as `[listener, seq, fd]`. Returns false once the
-    /// primary has closed the channel.
-    pub fn drain(&self, batch: &mut Vec<u32>) -> SysResult<bool> {
+    /// connection to `batch` as `[listener, seq, fd]`, and each lease to
+    /// `leases`. Returns false once the primary has closed the channel.
+    pub fn drain(&self, batch: &mut Vec<u32>, leases: &mut Vec<Lease>) -> SysResult<bool> {
         let mut decoder = self.decoder.lock().unwrap();
         let mut buf = [0u8; RECORD_LEN * 64];
         let mut open = true;
@@ -71,11 +104,19 @@ impl WorkerChannel {
         let mut lost = Vec::new();
         {
             let mut unsettled = self.unsettled.lock().unwrap();
-            for Incoming { record, fd } in incoming {
-                match (record, fd) {
-                    (Record::Conn { listener, seq }, Some(fd)) => {
+            for Incoming { record, fds } in incoming {
+                match (record, fds) {
+                    (Record::Conn { listener, seq }, Some(mut fds)) if seq & DIRECT == 0 => {
+                        let fd = fds.pop().unwrap();
                         batch.extend_from_slice(&[listener, seq, fd.as_raw_fd() as u32]);
-                        unsettled.insert(seq, fd);
+                        unsettled.insert(seq, (listener, fd));
+                    }
+                    (Record::Lease { listener, slot }, Some(fds)) => {
+                        let [socket, table, progress] = <[OwnedFd; 3]>::try_from(fds).unwrap();
+                        leases.push(Lease { listener, grant: Some(Grant { slot, socket, table, progress }) });
+                    }
+                    (Record::Lease { listener, .. } | Record::NoLease { listener }, _) => {
+                        leases.push(Lease { listener, grant: None });
                     }
                     // We had no descriptor to receive it into: the primary still
                     // holds the connection and gives it to another worker.
@@ -106,7 +147,7 @@ impl WorkerChannel {
                 Ok(_) => {}
             }
             let mut batch = Vec::new();
-            let open = self.drain(&mut batch)?;
+            let open = self.drain(&mut batch, &mut Vec::new())?;
             if !batch.is_empty() && !deliver(batch) {
                 return Ok(());
             }
@@ -116,26 +157,52 @@ impl WorkerChannel {
         }
     }
 
+    /// Adds connections this worker accepted itself on `listener` to `batch`.
+    pub fn adopt(&self, listener: u32, fds: Vec<OwnedFd>, batch: &mut Vec<u32>) {
+        let mut unsettled = self.unsettled.lock().unwrap();
+        let mut next = self.next_direct.lock().unwrap();
+        for fd in fds {
+            let seq = DIRECT | *next;
+            *next = (*next + 1) % (LEASED & !DIRECT); // never LEASED itself
+            batch.extend_from_slice(&[listener, seq, fd.as_raw_fd() as u32]);
+            unsettled.insert(seq, (listener, fd));
+        }
+    }
+
     /// Settles delivered connections: `accepted` fds now belong to the caller's
-    /// handles, `declined` ones are closed and go back to the primary.
+    /// handles; `declined` ones go back to the primary: a received one is
+    /// closed here (the primary still holds it), one the worker accepted
+    /// itself travels back with a `Return`.
     pub fn settle(&self, accepted: &[u32], declined: &[u32]) -> SysResult<()> {
         let mut bytes = Vec::with_capacity((accepted.len() + declined.len()) * RECORD_LEN);
+        let mut returns = Vec::new();
         {
             let mut unsettled = self.unsettled.lock().unwrap();
             for &seq in accepted {
-                if let Some(fd) = unsettled.remove(&seq) {
+                if let Some((_, fd)) = unsettled.remove(&seq) {
                     // Ownership moves to the JS handle that opened this number.
                     let _ = fd.into_raw_fd();
-                    Record::Ack { seq, accepted: true }.encode(&mut bytes);
+                    if seq & DIRECT == 0 {
+                        Record::Ack { seq, accepted: true }.encode(&mut bytes);
+                    }
                 }
             }
             for &seq in declined {
-                if unsettled.remove(&seq).is_some() {
-                    Record::Ack { seq, accepted: false }.encode(&mut bytes);
+                match unsettled.remove(&seq) {
+                    Some((listener, fd)) if seq & DIRECT != 0 => returns.push((listener, fd)),
+                    Some(_) => Record::Ack { seq, accepted: false }.encode(&mut bytes),
+                    None => {}
                 }
             }
         }
-        self.write_all(&bytes)
+        self.write_all(&bytes)?;
+        for chunk in returns.chunks(MAX_FDS_PER_MSG) {
+            let mut bytes = Vec::with_capacity(chunk.len() * RECORD_LEN);
+            chunk.iter().for_each(|&(listener, _)| Record::Return { listener }.encode(&mut bytes));
+            let fds: Vec<RawFd> = chunk.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+            self.write_all_with(&bytes, &fds)?;
+        }
+        Ok(())
     }
 
     pub fn ready(&self, listener: u32) -> SysResult<()> {
@@ -155,10 +222,18 @@ impl WorkerChannel {
     /// Writes from the JS thread without blocking it for long: the primary
     /// reads continuously and at most a window of acks is ever outstanding,
     /// so the socket buffer does not fill; if it ever does, wait up to a second.
-    fn write_all(&self, mut bytes: &[u8]) -> SysResult<()> {
+    fn write_all(&self, bytes: &[u8]) -> SysResult<()> {
+        self.write_all_with(bytes, &[])
+    }
+
+    /// As `write_all`; the descriptors go with the first bytes sent.
+    fn write_all_with(&self, mut bytes: &[u8], mut fds: &[RawFd]) -> SysResult<()> {
         while !bytes.is_empty() {
-            match wire::send(self.fd.as_raw_fd(), bytes, &[]) {
-                Ok(n) => bytes = &bytes[n..],
+            match wire::send(self.fd.as_raw_fd(), bytes, fds) {
+                Ok(n) => {
+                    bytes = &bytes[n..];
+                    fds = &[];
+                }
                 Err(e) if e.errno == Errno::EINTR => continue,
                 Err(e) if sys::would_block(e.errno) => {
                     let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLOUT)];

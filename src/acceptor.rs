@@ -1,0 +1,255 @@
+//! A worker's own accept on a listener shared under the ledger (Linux).
+//!
+//! The worker's event loop watches one epoll descriptor per listener (see
+//! `binding`), which holds three edge-triggered sources: the listening socket
+//! (a connection arrived), the listener's progress eventfd (a worker the
+//! others were waiting for accepted), and a timer (a wait is long enough to
+//! excuse whoever causes it, or a turn was cut short). Each wake-up accepts
+//! what the ledger allows, until the queue is empty.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{self, SockFlag};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+
+use crate::ledger::shared::SharedTable;
+use crate::sys::{SysResult, Syscall};
+
+/// How long a worker waits for one that holds it back before excusing it.
+pub const EXCUSE_AFTER: Duration = Duration::from_millis(5);
+/// Out of descriptors: how long before trying to accept again.
+const STARVED_RETRY: Duration = Duration::from_millis(100);
+/// Most connections accepted in one wake-up; the rest wait for the next turn
+/// of the loop, so other I/O is not starved by a deep queue.
+const MAX_PER_TURN: usize = 128;
+
+const SOCKET: u64 = 0;
+const PROGRESS: u64 = 1;
+const TIMER: u64 = 2;
+
+pub struct Acceptor {
+    /// Closed by `leave`, so that the port is free as soon as no worker and
+    /// no primary holds it.
+    socket: Option<OwnedFd>,
+    table: SharedTable,
+    slot: usize,
+    progress: OwnedFd,
+    timer: TimerFd,
+    epoll: Epoll,
+    lag: u64,
+    /// TCP: the kernel tells how many connections wait. Otherwise assume some do.
+    tcp: bool,
+    waiting_since: Option<Instant>,
+    starved_until: Option<Instant>,
+}
+
+impl Acceptor {
+    /// `socket`, `table` and `progress` are the descriptors of a lease; the
+    /// table's descriptor is only needed to map it.
+    pub fn new(socket: OwnedFd, table: OwnedFd, progress: OwnedFd, slot: usize, lag: u64) -> SysResult<Acceptor> {
+        let table = SharedTable::map(&table)?;
+        let timer = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC)
+            .syscall("timerfd_create")?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).syscall("epoll_create1")?;
+        let edge = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        epoll.add(socket.as_fd(), EpollEvent::new(edge, SOCKET)).syscall("epoll_ctl")?;
+        epoll.add(progress.as_fd(), EpollEvent::new(edge, PROGRESS)).syscall("epoll_ctl")?;
+        epoll.add(timer.as_fd(), EpollEvent::new(edge, TIMER)).syscall("epoll_ctl")?;
+        let tcp = queue_length(socket.as_raw_fd()).is_some();
+        // Join level with the least-served: from here on we count.
+        table.attach(slot);
+        Ok(Acceptor {
+            socket: Some(socket),
+            table,
+            slot,
+            progress,
+            timer,
+            epoll,
+            lag,
+            tcp,
+            waiting_since: None,
+            starved_until: None,
+        })
+    }
+
+    /// The descriptor the event loop polls.
+    pub fn poll_fd(&self) -> RawFd {
+        self.epoll.0.as_raw_fd()
+    }
+
+    /// Handles a wake-up: accepts what the ledger allows into `out`.
+    pub fn run(&mut self, out: &mut Vec<OwnedFd>) {
+        self.drain_events();
+        let Some(socket) = self.socket.as_ref().map(|s| s.as_raw_fd()) else { return };
+        let now = Instant::now();
+        if self.starved_until.is_some_and(|t| now < t) {
+            return;
+        }
+        self.starved_until = None;
+        let mut taken = 0;
+        loop {
+            let strict = self.table.allowance(self.slot, false, self.lag);
+            let (allowed, queued) = if strict > 0 {
+                (strict, false)
+            } else {
+                match self.pending() {
+                    // Nothing to wait for: the next arrival wakes us.
+                    Some(0) => {
+                        self.stop_waiting();
+                        return;
+                    }
+                    // One, for the worker whose turn it is.
+                    Some(1) => (0, false),
+                    // A queue (or a socket that cannot tell): run ahead up to the lag.
+                    _ => (self.table.allowance(self.slot, true, self.lag), true),
+                }
+            };
+            if allowed == 0 {
+                match self.waiting_since {
+                    None => {
+                        // Announce the wait, then look again: whoever moves
+                        // after this sees a waiter and signals.
+                        self.waiting_since = Some(now);
+                        self.table.add_waiter();
+                        continue;
+                    }
+                    Some(since) if now.duration_since(since) >= EXCUSE_AFTER => {
+                        if self.table.excuse_laggards(self.slot, queued, self.lag) > 0 {
+                            continue;
+                        }
+                        self.arm(EXCUSE_AFTER);
+                        return;
+                    }
+                    Some(since) => {
+                        self.arm(EXCUSE_AFTER - now.duration_since(since));
+                        return;
+                    }
+                }
+            }
+            self.stop_waiting();
+            let mut got = 0u64;
+            let mut empty = false;
+            while got < allowed {
+                // SAFETY: `socket` is open for as long as `self.socket` is Some,
+                // which it stays during this call.
+                let listening = unsafe { std::os::fd::BorrowedFd::borrow_raw(socket) };
+                match socket::accept4(listening, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
+                    Ok(fd) => {
+                        out.push(fd);
+                        got += 1;
+                    }
+                    Err(Errno::ECONNABORTED | Errno::EINTR | Errno::EPROTO) => continue,
+                    Err(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM) => {
+                        self.starved_until = Some(now + STARVED_RETRY);
+                        self.arm(STARVED_RETRY);
+                        break;
+                    }
+                    // EAGAIN, or the socket is no longer listening.
+                    Err(_) => {
+                        empty = true;
+                        break;
+                    }
+                }
+            }
+            if got > 0 {
+                self.table.record(self.slot, got);
+                if self.table.waiters() > 0 {
+                    self.signal();
+                }
+            }
+            taken += got as usize;
+            if empty || self.starved_until.is_some() {
+                return;
+            }
+            if taken >= MAX_PER_TURN {
+                self.arm(Duration::from_nanos(1)); // the rest on the next turn
+                return;
+            }
+        }
+    }
+
+    /// Stops accepting: the slot is freed and anyone waiting for this worker
+    /// is told. Idempotent; also done on drop.
+    pub fn leave(&mut self) {
+        let Some(socket) = self.socket.take() else { return };
+        // Other processes hold the same socket, so closing ours would not
+        // take it out of our epoll set: do that first.
+        let _ = self.epoll.delete(socket.as_fd());
+        drop(socket);
+        self.stop_waiting();
+        self.table.detach(self.slot);
+        self.signal();
+    }
+
+    fn stop_waiting(&mut self) {
+        if self.waiting_since.take().is_some() {
+            self.table.remove_waiter();
+        }
+    }
+
+    fn signal(&self) {
+        // An eventfd's counter only overflows after 2^64 - 2 writes.
+        let _ = nix::unistd::write(self.progress.as_fd(), &1u64.to_ne_bytes());
+    }
+
+    fn arm(&self, after: Duration) {
+        let at = TimeSpec::from_duration(after.max(Duration::from_nanos(1)));
+        let _ = self.timer.set(Expiration::OneShot(at), TimerSetTimeFlags::empty());
+    }
+
+    /// Consumes the readiness reports (all sources are edge-triggered, so a
+    /// report is not repeated) and the timer's expiry count.
+    fn drain_events(&self) {
+        let mut events = [EpollEvent::empty(); 4];
+        loop {
+            match self.epoll.wait(&mut events, EpollTimeout::ZERO) {
+                Ok(n) => {
+                    if events[..n].iter().any(|e| e.data() == TIMER) {
+                        let mut expirations = [0u8; 8];
+                        let _ = nix::unistd::read(self.timer.as_fd(), &mut expirations);
+                    }
+                    if n < events.len() {
+                        return;
+                    }
+                }
+                Err(Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// How many connections wait in the accept queue; None when the socket
+    /// cannot tell (not TCP).
+    fn pending(&self) -> Option<u32> {
+        match &self.socket {
+            Some(socket) if self.tcp => queue_length(socket.as_raw_fd()),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// `TCP_LISTEN` of the kernel's TCP states (include/net/tcp_states.h).
+const TCP_LISTEN: u8 = 10;
+
+/// The length of a TCP listener's accept queue, or None for other sockets.
+fn queue_length(fd: RawFd) -> Option<u32> {
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
+    };
+    // For a listening socket the kernel reports its accept queue as `unacked`.
+    (rc == 0 && info.tcpi_state == TCP_LISTEN).then_some(info.tcpi_unacked)
+}

@@ -1,0 +1,330 @@
+//! The accept ledger: how workers that accept on one shared listening socket
+//! stay fair without the primary touching a connection.
+//!
+//! Under the ledger, round-robin means "equal shares": every worker attached
+//! to a listener has a slot in a small table in shared memory with the number
+//! of connections it accepted. A worker may accept while it is less than a
+//! bound ahead of the least-served active worker; past that it waits until
+//! the others catch up. The bound is one connection when nothing queues (so a
+//! client that connects one at a time meets the workers in turn, as under
+//! node:cluster's round-robin) and `lag` when connections queue, so that
+//! under load nobody idles while the kernel's queue is full.
+//!
+//! A worker that holds the others back for too long (a busy loop, a long
+//! synchronous handler) is excused: it no longer counts until it accepts
+//! again, and then it joins level with the least-served of the others, so a
+//! stall is never paid back by stalling everyone else.
+//!
+//! Slots are written by their owner (the count) and by the primary (attach,
+//! detach); anyone may excuse. Counts are approximate under races by at most
+//! the connections accepted in between, which is all fairness needs.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+
+/// Slots per listener: the most workers that can share one listener's ledger.
+/// The table fills one page.
+pub const SLOTS: usize = 255;
+
+const FREE: u32 = 0;
+const ACTIVE: u32 = 1;
+const EXCUSED: u32 = 2;
+
+#[repr(C)]
+pub struct Slot {
+    accepted: AtomicU64,
+    state: AtomicU32,
+    _pad: u32,
+}
+
+#[repr(C)]
+pub struct Table {
+    /// Workers waiting for the others to catch up: who accepts while this is
+    /// non-zero signals progress.
+    waiters: AtomicU32,
+    /// Slots below this index may be in use.
+    high: AtomicU32,
+    _reserved: [u32; 2],
+    slots: [Slot; SLOTS],
+}
+
+pub const TABLE_SIZE: usize = std::mem::size_of::<Table>();
+const _: () = assert!(TABLE_SIZE == 4096);
+
+impl Table {
+    /// A zeroed table, for tests and for the primary before it shares one.
+    pub fn new_boxed() -> Box<Table> {
+        Box::new(Table {
+            waiters: AtomicU32::new(0),
+            high: AtomicU32::new(0),
+            _reserved: [0; 2],
+            slots: std::array::from_fn(|_| Slot { accepted: AtomicU64::new(0), state: AtomicU32::new(FREE), _pad: 0 }),
+        })
+    }
+
+    fn in_use(&self) -> &[Slot] {
+        let high = (self.high.load(SeqCst) as usize).min(SLOTS);
+        &self.slots[..high]
+    }
+
+    /// The least count among active slots, leaving out `except`.
+    fn floor(&self, except: Option<usize>) -> Option<u64> {
+        self.in_use()
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| Some(i) != except && s.state.load(SeqCst) == ACTIVE)
+            .map(|(_, s)| s.accepted.load(SeqCst))
+            .min()
+    }
+
+    /// Primary: gives `slot` to a worker, level with the least-served active
+    /// worker so that it shares the next connections rather than taking them all.
+    pub fn attach(&self, slot: usize) {
+        let start = self.floor(None).unwrap_or(0);
+        let s = &self.slots[slot];
+        s.accepted.store(start, SeqCst);
+        s.state.store(ACTIVE, SeqCst);
+        self.high.fetch_max(slot as u32 + 1, SeqCst);
+    }
+
+    /// Primary or the worker itself: the slot's worker no longer accepts.
+    pub fn detach(&self, slot: usize) {
+        self.slots[slot].state.store(FREE, SeqCst);
+    }
+
+    /// How many connections the worker in `slot` may accept now. `queued`
+    /// says whether connections are waiting in the kernel's queue beyond the
+    /// one that woke us: then it may run up to `lag` ahead of the
+    /// least-served; otherwise only the least-served may accept, the lowest
+    /// slot first among equals, so that workers take strict turns. An excused
+    /// worker rejoins here, level with the least-served of the others.
+    pub fn allowance(&self, slot: usize, queued: bool, lag: u64) -> u64 {
+        let me = &self.slots[slot];
+        let mut mine = me.accepted.load(SeqCst);
+        match me.state.load(SeqCst) {
+            ACTIVE => {}
+            EXCUSED => {
+                if let Some(floor) = self.floor(Some(slot)) {
+                    if floor > mine {
+                        me.accepted.store(floor, SeqCst);
+                        mine = floor;
+                    }
+                }
+                let _ = me.state.compare_exchange(EXCUSED, ACTIVE, SeqCst, SeqCst);
+            }
+            _ => return 0, // detached: the worker is leaving
+        }
+        if queued {
+            let floor = self.floor(None).unwrap_or(mine).min(mine);
+            (floor + lag.max(1)).saturating_sub(mine)
+        } else {
+            u64::from(self.ahead_of(slot, mine, false, lag).next().is_none())
+        }
+    }
+
+    /// The active workers that keep `slot` (at count `mine`) from accepting
+    /// under the rule `allowance` applies.
+    fn ahead_of(&self, slot: usize, mine: u64, queued: bool, lag: u64) -> impl Iterator<Item = &Slot> {
+        self.in_use().iter().enumerate().filter_map(move |(i, s)| {
+            if i == slot || s.state.load(SeqCst) != ACTIVE {
+                return None;
+            }
+            let theirs = s.accepted.load(SeqCst);
+            let blocks = if queued { theirs.saturating_add(lag.max(1)) <= mine } else { (theirs, i) < (mine, slot) };
+            blocks.then_some(s)
+        })
+    }
+    /// Counts `n` connections accepted by `slot`.
+    pub fn record(&self, slot: usize, n: u64) {
+        self.slots[slot].accepted.fetch_add(n, SeqCst);
+    }
+
+    /// Excuses the active workers that keep `slot` from accepting (under the
+    /// rule for `queued`, as `allowance`). Returns how many.
+    pub fn excuse_laggards(&self, slot: usize, queued: bool, lag: u64) -> usize {
+        let mine = self.slots[slot].accepted.load(SeqCst);
+        self.ahead_of(slot, mine, queued, lag)
+            .filter(|s| s.state.compare_exchange(ACTIVE, EXCUSED, SeqCst, SeqCst).is_ok())
+            .count()
+    }
+
+    pub fn add_waiter(&self) {
+        self.waiters.fetch_add(1, SeqCst);
+    }
+
+    pub fn remove_waiter(&self) {
+        self.waiters.fetch_sub(1, SeqCst);
+    }
+
+    pub fn waiters(&self) -> u32 {
+        self.waiters.load(SeqCst)
+    }
+
+    pub fn accepted(&self, slot: usize) -> u64 {
+        self.slots[slot].accepted.load(SeqCst)
+    }
+
+    /// The lowest slot that is free, if any.
+    pub fn free_slot(&self, taken: impl Fn(usize) -> bool) -> Option<usize> {
+        (0..SLOTS).find(|&i| !taken(i) && self.slots[i].state.load(SeqCst) == FREE)
+    }
+}
+
+/// A table in shared memory: a memfd that the primary creates and every
+/// worker of the listener maps.
+#[cfg(target_os = "linux")]
+pub mod shared {
+    use std::num::NonZeroUsize;
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::ptr::NonNull;
+
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+
+    use super::{Table, TABLE_SIZE};
+    use crate::sys::{SysResult, Syscall};
+
+    pub struct SharedTable {
+        ptr: NonNull<Table>,
+    }
+
+    // SAFETY: the table is made of atomics only; the mapping lives as long as
+    // the value, and every access goes through `&Table`.
+    unsafe impl Send for SharedTable {}
+    // SAFETY: as above: shared access is to atomics only.
+    unsafe impl Sync for SharedTable {}
+
+    impl SharedTable {
+        /// A new zeroed table and the descriptor that shares it.
+        pub fn create() -> SysResult<(SharedTable, OwnedFd)> {
+            let fd = memfd_create(c"cluster-rs-ledger", MFdFlags::MFD_CLOEXEC).syscall("memfd_create")?;
+            nix::unistd::ftruncate(fd.as_fd(), TABLE_SIZE as i64).syscall("ftruncate")?;
+            let table = SharedTable::map(&fd)?;
+            Ok((table, fd))
+        }
+
+        /// Maps a table another process shared with us.
+        pub fn map(fd: &OwnedFd) -> SysResult<SharedTable> {
+            let len = NonZeroUsize::new(TABLE_SIZE).unwrap();
+            let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+            // SAFETY: a fresh shared mapping of a memfd at least TABLE_SIZE
+            // long (ftruncate above, or by the primary); nothing else aliases
+            // it as non-atomic memory.
+            let ptr = unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED, fd.as_fd(), 0) }.syscall("mmap")?;
+            Ok(SharedTable { ptr: ptr.cast() })
+        }
+    }
+
+    impl std::ops::Deref for SharedTable {
+        type Target = Table;
+        fn deref(&self) -> &Table {
+            // SAFETY: a live, page-aligned mapping of TABLE_SIZE bytes; zeroed
+            // memory is a valid Table (all atomics).
+            unsafe { self.ptr.as_ref() }
+        }
+    }
+
+    impl Drop for SharedTable {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `map`, unmapped once.
+            let _ = unsafe { munmap(self.ptr.cast(), TABLE_SIZE) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(workers: usize) -> Box<Table> {
+        let t = Table::new_boxed();
+        (0..workers).for_each(|i| t.attach(i));
+        t
+    }
+
+    #[test]
+    fn without_a_queue_workers_take_strict_turns() {
+        let t = table(3);
+        let mut order = Vec::new();
+        for _ in 0..7 {
+            let turn: Vec<usize> = (0..3).filter(|&i| t.allowance(i, false, 64) > 0).collect();
+            assert_eq!(turn.len(), 1, "exactly one worker's turn");
+            t.record(turn[0], 1);
+            order.push(turn[0]);
+        }
+        assert_eq!(order, vec![0, 1, 2, 0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn with_a_queue_a_worker_may_run_ahead_by_the_lag() {
+        let t = table(2);
+        assert_eq!(t.allowance(0, true, 64), 64);
+        t.record(0, 64);
+        assert_eq!(t.allowance(0, true, 64), 0);
+        t.record(1, 10);
+        assert_eq!(t.allowance(0, true, 64), 10);
+        assert_eq!(t.allowance(1, true, 64), 64, "the one behind: a lag at a time");
+    }
+
+    #[test]
+    fn a_late_worker_joins_level_with_the_least_served() {
+        let t = table(2);
+        t.record(0, 100);
+        t.record(1, 40);
+        t.attach(2);
+        assert_eq!(t.accepted(2), 40);
+        assert_eq!(t.allowance(2, false, 64), 0, "slot 1 first among equals");
+        assert_eq!(t.allowance(1, false, 64), 1);
+        assert_eq!(t.allowance(0, true, 64), 4);
+    }
+
+    #[test]
+    fn a_detached_worker_holds_nobody_back_and_may_not_accept() {
+        let t = table(2);
+        t.record(0, 64);
+        assert_eq!(t.allowance(0, true, 64), 0);
+        t.detach(1);
+        assert_eq!(t.allowance(0, true, 64), 64);
+        assert_eq!(t.allowance(1, true, 64), 0);
+    }
+
+    #[test]
+    fn an_excused_worker_stops_counting_and_rejoins_level() {
+        let t = table(3);
+        t.record(0, 64);
+        t.record(2, 64);
+        assert_eq!(t.allowance(0, true, 64), 0);
+        assert_eq!(t.excuse_laggards(0, true, 64), 1, "only the one that is a full lag behind");
+        assert_eq!(t.allowance(0, true, 64), 64);
+        t.record(0, 30);
+        // Back: level with the least-served of the others (slot 2, at 64),
+        // and its turn, being the lowest slot at that count.
+        assert_eq!(t.allowance(1, false, 64), 1);
+        assert_eq!(t.accepted(1), 64);
+        assert_eq!(t.allowance(0, true, 64), 34);
+    }
+
+    #[test]
+    fn without_a_queue_whoever_has_the_turn_can_be_excused() {
+        let t = table(2);
+        // Slot 0 has the turn (lowest among equals); slot 1 waits for it.
+        assert_eq!(t.allowance(1, false, 64), 0);
+        assert_eq!(t.excuse_laggards(1, false, 64), 1);
+        assert_eq!(t.allowance(1, false, 64), 1);
+    }
+
+    #[test]
+    fn a_lone_worker_always_has_the_turn() {
+        let t = table(1);
+        t.record(0, 1000);
+        assert_eq!(t.allowance(0, false, 64), 1);
+        assert_eq!(t.allowance(0, true, 64), 64);
+    }
+
+    #[test]
+    fn free_slots_are_reused_lowest_first() {
+        let t = table(3);
+        t.detach(1);
+        assert_eq!(t.free_slot(|_| false), Some(1));
+        assert_eq!(t.free_slot(|i| i == 1), Some(3));
+    }
+}
