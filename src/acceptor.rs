@@ -105,7 +105,7 @@ impl Acceptor {
                     // One, for the worker whose turn it is.
                     Some(1) => (0, false),
                     // A queue (or a socket that cannot tell): run ahead up to the lag.
-                    _ => (self.table.allowance(self.slot, true, self.lag), true),
+                    _ => (self.table.allowance(self.slot, true, self.lag()), true),
                 }
             };
             if allowed == 0 {
@@ -118,7 +118,7 @@ impl Acceptor {
                         continue;
                     }
                     Some(since) if now.duration_since(since) >= EXCUSE_AFTER => {
-                        if self.table.excuse_laggards(self.slot, queued, self.lag) > 0 {
+                        if self.table.excuse_laggards(self.slot, queued, self.lag()) > 0 {
                             continue;
                         }
                         self.arm(EXCUSE_AFTER);
@@ -220,6 +220,16 @@ impl Acceptor {
                 Err(_) => return,
             }
         }
+    }
+
+    /// How far ahead of the least-served this worker may run while
+    /// connections queue: the configured lag, or 1% of what it accepted so
+    /// far if that is more. A burst into fresh workers (a keep-alive pool
+    /// opening) is split nearly evenly; under sustained load a worker that is
+    /// briefly slower does not make the others wait, and the shares still
+    /// stay within 1%.
+    fn lag(&self) -> u64 {
+        self.lag.max(self.table.accepted(self.slot) / 100)
     }
 
     /// How many connections wait in the accept queue; None when the socket

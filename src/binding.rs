@@ -459,8 +459,8 @@ mod direct {
     use crate::worker_channel::Grant;
 
     /// How far ahead of the least-served worker one may accept while
-    /// connections queue (`CLUSTER_RS_LAG`).
-    const DEFAULT_LAG: u64 = 64;
+    /// connections queue, at least (`CLUSTER_RS_LAG`; see `Acceptor::lag`).
+    const DEFAULT_LAG: u64 = 8;
 
     struct Direct {
         listener: u32,
