@@ -18,7 +18,6 @@ const handles = new Map(); // key -> handle, for disconnect
 const indexes = new Map();
 const byListener = new Map(); // native listener id -> { handle, server, isPipe }
 const TIMEOUT_MAX = 2 ** 31 - 1;
-const LEASED = 2 ** 32 - 1; // a batch entry's sequence: the lease is settled
 let channelOpen = false;
 
 cluster.isWorker = true;
@@ -155,19 +154,17 @@ function roundRobin(message, { indexesKey, index, server }, cb) {
   if (message.sockname) handle.getsockname = getsockname; // TCP only
 
   handles.set(key, handle);
-  const entry = { handle, server, isPipe: !message.sockname, onLeased: null };
-  byListener.set(listener, entry);
-  native.workerReady(listener);
-  // Under the ledger the server listens once this worker accepts itself, so
-  // that a client that connects right after 'listening' meets it in turn.
-  if (message.leased) entry.onLeased = () => cb(0, handle);
-  else cb(0, handle);
+  byListener.set(listener, { handle, server, isPipe: !message.sockname });
+  // Under the ledger this returns once the worker accepts itself, so that a
+  // client that connects right after 'listening' meets it in turn.
+  const early = native.workerReady(listener, Boolean(message.leased));
+  if (early.length > 0) process.nextTick(onBatch, early);
+  cb(0, handle);
 }
 
 // A batch from the native channel: [listener, seq, fd, listener, seq, fd, ...]:
-// connections the primary handed over or the worker accepted itself, and
-// LEASED entries. Each connection is taken or declined, and the primary hears
-// of all of them in one write.
+// connections the primary handed over or the worker accepted itself. Each is
+// taken or declined, and the primary hears of all of them in one write.
 function onBatch(batch) {
   const accepted = [];
   const declined = [];
@@ -175,14 +172,6 @@ function onBatch(batch) {
     for (let i = 0; i + 2 < batch.length; i += 3) {
       const seq = batch[i + 1];
       const entry = byListener.get(batch[i]);
-      if (seq === LEASED) {
-        const onLeased = entry && entry.onLeased;
-        if (onLeased) {
-          entry.onLeased = null;
-          onLeased();
-        }
-        continue;
-      }
       const server = entry && entry.server;
       if (!entry || typeof entry.handle.onconnection !== 'function' ||
           (server.maxConnections && server._connections >= server.maxConnections)) {

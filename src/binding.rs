@@ -408,13 +408,7 @@ extern "C" fn on_channel_readable(handle: *mut std::ffi::c_void, status: std::ff
     let mut batch = Vec::new();
     let mut leases = Vec::new();
     let open = status == 0 && receiver.channel.drain(&mut batch, &mut leases).unwrap_or(false);
-    for lease in leases {
-        #[cfg(target_os = "linux")]
-        if let Some(grant) = lease.grant {
-            direct::start(receiver, lease.listener, grant);
-        }
-        batch.extend_from_slice(&[lease.listener, crate::worker_channel::LEASED, 0]);
-    }
+    start_leases(receiver, leases);
     if !batch.is_empty() {
         receiver.deliver(batch);
     }
@@ -434,9 +428,43 @@ pub fn worker_settle(accepted: Vec<u32>, declined: Vec<u32>) -> i32 {
     WORKER.get().map(|w| errno_of(w.settle(&accepted, &declined))).unwrap_or(0)
 }
 
+/// Starts accepting on each granted lease (Linux); a `NoLease` needs nothing.
+fn start_leases(receiver: &LoopReceiver, leases: Vec<crate::worker_channel::Lease>) {
+    for lease in leases {
+        #[cfg(target_os = "linux")]
+        if let Some(grant) = lease.grant {
+            direct::start(receiver, lease.listener, grant);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (receiver, lease);
+    }
+}
+
+/// How long a worker waits for its lease before its server listens anyway
+/// (it starts accepting whenever the lease arrives).
+const LEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tells the primary this worker serves `listener`. Under the ledger
+/// (`leased`) it also waits for the lease and starts accepting before it
+/// returns, so the server is listening once its callback runs, on the same
+/// tick as under node:cluster. Returns connections that arrived meanwhile,
+/// as a batch for `onBatch`.
 #[napi]
-pub fn worker_ready(listener: u32) -> i32 {
-    WORKER.get().map(|w| errno_of(w.ready(listener))).unwrap_or(0)
+pub fn worker_ready(listener: u32, leased: bool) -> Vec<u32> {
+    let Some(w) = WORKER.get() else { return Vec::new() };
+    let mut batch = Vec::new();
+    if !leased {
+        let _ = w.ready(listener);
+        return batch;
+    }
+    let mut leases = Vec::new();
+    let _ = w.await_lease(listener, LEASE_TIMEOUT, &mut batch, &mut leases);
+    let receiver = RECEIVER.with(|r| r.get());
+    if !receiver.is_null() {
+        // SAFETY: set when the channel was attached, and never freed.
+        start_leases(unsafe { &*receiver }, leases);
+    }
+    batch
 }
 
 #[napi]

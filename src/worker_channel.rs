@@ -26,9 +26,6 @@ use crate::wire::{self, Decoder, Incoming, Record, MAX_FDS_PER_MSG, RECORD_LEN};
 /// Set in the sequence numbers of connections the worker accepted itself;
 /// the primary numbers its own below it.
 pub const DIRECT: u32 = 1 << 31;
-/// The sequence number of a batch entry that says "your lease on this
-/// listener is settled": accepting (or not) starts now. Its fd is 0.
-pub const LEASED: u32 = u32::MAX;
 
 /// The primary's answer to `Ready` on a listener under the ledger: leave to
 /// accept on it (see `wire::Record::Lease`), or `None` (`NoLease`).
@@ -163,7 +160,7 @@ impl WorkerChannel {
         let mut next = self.next_direct.lock().unwrap();
         for fd in fds {
             let seq = DIRECT | *next;
-            *next = (*next + 1) % (LEASED & !DIRECT); // never LEASED itself
+            *next = (*next + 1) & !DIRECT;
             batch.extend_from_slice(&[listener, seq, fd.as_raw_fd() as u32]);
             unsettled.insert(seq, (listener, fd));
         }
@@ -207,6 +204,37 @@ impl WorkerChannel {
 
     pub fn ready(&self, listener: u32) -> SysResult<()> {
         self.write_record(Record::Ready { listener })
+    }
+
+    /// Sends `Ready` for a listener under the ledger and waits, at most
+    /// `timeout`, for the primary's answer (`Lease` or `NoLease`), so that the
+    /// worker accepts before its server reports 'listening'. Whatever else
+    /// arrives meanwhile goes to `batch` and `leases` as from `drain`.
+    pub fn await_lease(
+        &self,
+        listener: u32,
+        timeout: std::time::Duration,
+        batch: &mut Vec<u32>,
+        leases: &mut Vec<Lease>,
+    ) -> SysResult<()> {
+        self.ready(listener)?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let open = self.drain(batch, leases)?;
+            if !open || leases.iter().any(|l| l.listener == listener) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(SysError { syscall: "recvmsg", errno: Errno::ETIMEDOUT });
+            }
+            let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(errno) => return Err(SysError { syscall: "poll", errno }),
+            }
+        }
     }
 
     pub fn gone(&self, listener: u32) -> SysResult<()> {
