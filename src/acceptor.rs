@@ -41,8 +41,6 @@ pub struct Acceptor {
     timer: TimerFd,
     epoll: Epoll,
     lag: u64,
-    /// TCP: the kernel tells how many connections wait. Otherwise assume some do.
-    tcp: bool,
     waiting_since: Option<Instant>,
     starved_until: Option<Instant>,
 }
@@ -59,7 +57,6 @@ impl Acceptor {
         epoll.add(socket.as_fd(), EpollEvent::new(edge, SOCKET)).syscall("epoll_ctl")?;
         epoll.add(progress.as_fd(), EpollEvent::new(edge, PROGRESS)).syscall("epoll_ctl")?;
         epoll.add(timer.as_fd(), EpollEvent::new(edge, TIMER)).syscall("epoll_ctl")?;
-        let tcp = queue_length(socket.as_raw_fd()).is_some();
         // Join level with the least-served: from here on we count.
         table.attach(slot);
         Ok(Acceptor {
@@ -70,7 +67,6 @@ impl Acceptor {
             timer,
             epoll,
             lag,
-            tcp,
             waiting_since: None,
             starved_until: None,
         })
@@ -84,7 +80,9 @@ impl Acceptor {
     /// Handles a wake-up: accepts what the ledger allows into `out`.
     pub fn run(&mut self, out: &mut Vec<OwnedFd>) {
         self.drain_events();
-        let Some(socket) = self.socket.as_ref().map(|s| s.as_raw_fd()) else { return };
+        if self.socket.is_none() {
+            return;
+        }
         let now = Instant::now();
         if self.starved_until.is_some_and(|t| now < t) {
             return;
@@ -112,9 +110,11 @@ impl Acceptor {
                 match self.waiting_since {
                     None => {
                         // Announce the wait, then look again: whoever moves
-                        // after this sees a waiter and signals.
+                        // after this sees a waiter and signals. The timer
+                        // wakes us to excuse whoever still holds us back.
                         self.waiting_since = Some(now);
                         self.table.add_waiter();
+                        self.arm(EXCUSE_AFTER);
                         continue;
                     }
                     Some(since) if now.duration_since(since) >= EXCUSE_AFTER => {
@@ -124,20 +124,15 @@ impl Acceptor {
                         self.arm(EXCUSE_AFTER);
                         return;
                     }
-                    Some(since) => {
-                        self.arm(EXCUSE_AFTER - now.duration_since(since));
-                        return;
-                    }
+                    // The timer armed when the wait began is still running.
+                    Some(_) => return,
                 }
             }
             self.stop_waiting();
             let mut got = 0u64;
             let mut empty = false;
             while got < allowed {
-                // SAFETY: `socket` is open for as long as `self.socket` is Some,
-                // which it stays during this call.
-                let listening = unsafe { std::os::fd::BorrowedFd::borrow_raw(socket) };
-                match socket::accept4(listening, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
+                match self.accept_one() {
                     Ok(fd) => {
                         out.push(fd);
                         got += 1;
@@ -232,13 +227,15 @@ impl Acceptor {
         self.lag.max(self.table.accepted(self.slot) / 100)
     }
 
+    fn accept_one(&self) -> nix::Result<OwnedFd> {
+        let socket = self.socket.as_ref().ok_or(Errno::EBADF)?;
+        socket::accept4(socket.as_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
+    }
+
     /// How many connections wait in the accept queue; None when the socket
-    /// cannot tell (not TCP).
+    /// cannot tell (closed, or no longer listening).
     fn pending(&self) -> Option<u32> {
-        match &self.socket {
-            Some(socket) if self.tcp => queue_length(socket.as_raw_fd()),
-            _ => None,
-        }
+        queue_length(self.socket.as_ref()?.as_raw_fd())
     }
 }
 

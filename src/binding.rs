@@ -271,8 +271,10 @@ mod uv {
         pub fn uv_poll_start(handle: *mut c_void, events: c_int, cb: PollCb) -> c_int;
         pub fn uv_poll_stop(handle: *mut c_void) -> c_int;
         pub fn uv_unref(handle: *mut c_void);
+        #[cfg(target_os = "linux")]
         pub fn uv_close(handle: *mut c_void, cb: CloseCb);
     }
+    #[cfg(target_os = "linux")]
     pub type CloseCb = extern "C" fn(handle: *mut c_void);
 }
 
@@ -510,10 +512,12 @@ mod direct {
         let fd = acceptor.poll_fd();
         let data = Box::into_raw(Box::new(Direct { listener, acceptor }));
         match new_poll(receiver.uv_loop, fd, data.cast(), on_ready) {
-            Ok(handle) => POLLS.with(|p| p.borrow_mut().insert(listener, handle)),
+            Ok(handle) => {
+                POLLS.with(|p| p.borrow_mut().insert(listener, handle));
+            }
             // SAFETY: `data` came from Box::into_raw above and no handle refers to it.
-            Err(_) => return drop(unsafe { Box::from_raw(data) }),
-        };
+            Err(_) => drop(unsafe { Box::from_raw(data) }),
+        }
     }
 
     /// Stops accepting on `listener` at once; the handle is freed once libuv

@@ -69,7 +69,6 @@ pub enum Command {
     AddListener {
         id: u32,
         listening: Listening,
-        #[cfg(target_os = "linux")]
         ledger: Option<ledger_share::ListenerLedger>,
     },
     /// No worker listens any more: close the socket and what waits on it.
@@ -125,7 +124,6 @@ impl Dispatcher {
                 syscall: "pthread_create",
                 errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
             })?;
-        let balance = if cfg!(target_os = "linux") { balance } else { Balance::Dispatch };
         Ok(Dispatcher { commands: Some(tx), wake, next_id: AtomicU32::new(1), thread: Some(thread), balance })
     }
 
@@ -146,24 +144,15 @@ impl Dispatcher {
     /// ledger). Only TCP listeners have a ledger: a Unix socket cannot tell
     /// how many connections wait, which strict turns need.
     pub fn add_listener(&self, id: u32, listening: Listening, tcp: bool) -> bool {
-        #[cfg(target_os = "linux")]
-        {
-            // Without a ledger (out of memory or descriptors) this thread
-            // accepts, as under Dispatch.
-            let ledger = match self.balance {
-                Balance::Ledger if tcp => ledger_share::ListenerLedger::create().ok(),
-                _ => None,
-            };
-            let leased = ledger.is_some();
-            self.send(Command::AddListener { id, listening, ledger });
-            leased
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            let _ = tcp;
-            self.send(Command::AddListener { id, listening });
-            false
-        }
+        // Without a ledger (off Linux, or out of memory or descriptors) this
+        // thread accepts, as under Dispatch.
+        let ledger = match self.balance {
+            Balance::Ledger if tcp => ledger_share::ListenerLedger::create().ok(),
+            _ => None,
+        };
+        let leased = ledger.is_some();
+        self.send(Command::AddListener { id, listening, ledger });
+        leased
     }
 
     /// Closes a listener and returns once the socket is closed.
@@ -216,7 +205,6 @@ struct Listener {
     /// Accepted connections that no worker could take yet.
     pending: VecDeque<Conn>,
     /// Under the ledger: workers accept themselves.
-    #[cfg(target_os = "linux")]
     ledger: Option<ledger_share::ListenerLedger>,
 }
 
@@ -246,25 +234,15 @@ impl Listener {
 
     /// Whether workers accept on this listener themselves (the ledger).
     fn leased(&self) -> bool {
-        #[cfg(target_os = "linux")]
-        return self.ledger.is_some();
-        #[cfg(not(target_os = "linux"))]
-        false
+        self.ledger.is_some()
     }
 
     /// Under the ledger: a slot for `channel` and the lease that tells it so.
     fn lease(&mut self, listener: u32, channel: u32) -> Option<(Record, Vec<OwnedFd>)> {
-        #[cfg(target_os = "linux")]
-        return self.ledger.as_mut()?.lease(listener, channel, &self.socket.fd);
-        #[cfg(not(target_os = "linux"))]
-        {
-            let _ = (listener, channel);
-            None
-        }
+        self.ledger.as_mut()?.lease(listener, channel, &self.socket.fd)
     }
 
     fn detach(&mut self, channel: u32) {
-        #[cfg(target_os = "linux")]
         if let Some(ledger) = self.ledger.as_mut() {
             ledger.release(channel);
         }
@@ -429,12 +407,7 @@ impl Loop {
                 self.listeners.values_mut().for_each(|l| l.detach(id));
             }
             Command::RemoveChannel { id } => self.remove_channel(id),
-            Command::AddListener {
-                id,
-                listening,
-                #[cfg(target_os = "linux")]
-                ledger,
-            } => {
+            Command::AddListener { id, listening, ledger } => {
                 self.listeners.insert(
                     id,
                     Listener {
@@ -443,7 +416,6 @@ impl Loop {
                         offered: Vec::new(),
                         cursor: 0,
                         pending: VecDeque::new(),
-                        #[cfg(target_os = "linux")]
                         ledger,
                     },
                 );
@@ -715,6 +687,34 @@ mod ledger_share {
                 self.table.detach(slot);
                 let _ = nix::unistd::write(self.progress.as_fd(), &1u64.to_ne_bytes());
             }
+        }
+    }
+}
+
+/// No ledger off Linux (it needs memfd, eventfd and timerfd): the type has
+/// no values, so a listener's `ledger` is always None there.
+#[cfg(not(target_os = "linux"))]
+mod ledger_share {
+    use std::os::fd::OwnedFd;
+
+    use nix::errno::Errno;
+
+    use crate::sys::{SysError, SysResult};
+    use crate::wire::Record;
+
+    pub enum ListenerLedger {}
+
+    impl ListenerLedger {
+        pub fn create() -> SysResult<ListenerLedger> {
+            Err(SysError { syscall: "memfd_create", errno: Errno::ENOSYS })
+        }
+
+        pub fn lease(&mut self, _: u32, _: u32, _: &OwnedFd) -> Option<(Record, Vec<OwnedFd>)> {
+            match *self {}
+        }
+
+        pub fn release(&mut self, _: u32) {
+            match *self {}
         }
     }
 }

@@ -51,7 +51,8 @@ pub const TABLE_SIZE: usize = std::mem::size_of::<Table>();
 const _: () = assert!(TABLE_SIZE == 4096);
 
 impl Table {
-    /// A zeroed table, for tests and for the primary before it shares one.
+    /// A zeroed table in this process's memory, for tests.
+    #[cfg(test)]
     pub fn new_boxed() -> Box<Table> {
         Box::new(Table {
             waiters: AtomicU32::new(0),
