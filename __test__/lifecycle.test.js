@@ -62,6 +62,19 @@ test('connections held by a stuck worker are served by another once it is killed
   assert.equal(r.stats['2'].handed, 12);
 });
 
+test('under the ledger a stuck worker holds no connection: the other serves every one', {
+  skip: process.platform !== 'linux' && 'the ledger is Linux-only',
+}, async () => {
+  const result = await runOk('stuck-worker.js', ['12']);
+  const r = one(result, 'result');
+  assert.deepEqual(r.errors, []);
+  assert.equal(r.bodies.length, 12);
+  assert.ok(r.bodies.every((b) => b === 'worker 2'), r.bodies.join());
+  assert.equal(r.heldByA, 0, 'all answered while A still spun');
+  assert.equal(r.aSignal, 'SIGKILL');
+  assert.equal(r.stats['2'].handed, 0, 'the primary handed nothing: B accepted every one');
+});
+
 // A worker out of descriptors cannot receive the fds the primary passes: the
 // kernel truncates SCM_RIGHTS. The connections that lost their fd must be
 // declined (the primary still holds them and passes them on), and the channel

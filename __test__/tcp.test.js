@@ -47,9 +47,7 @@ for (const balance of ['ledger', 'dispatch']) {
   }
   // cluster-rs alternates exactly.
   assert.ok(a.order.every((id, i) => i === 0 || id !== a.order[i - 1]), `not alternating: ${a.order}`);
-  // Four idle connections opened back to back queue up; the ledger lets a
-  // worker run up to 8 ahead while they do, so only the dispatcher splits them 2/2.
-  if (balance === 'dispatch') assert.deepEqual(a.reports.map((x) => x.open), [2, 2]);
+  assert.deepEqual(a.reports.map((x) => x.open), [2, 2]);
   // The native dispatcher's counters agree with what the workers saw.
   for (const id of [1, 2]) {
     const s = a.stats[id];

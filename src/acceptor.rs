@@ -20,7 +20,11 @@ use crate::ledger::shared::SharedTable;
 use crate::sys::{SysResult, Syscall};
 
 /// How long a worker waits for one that holds it back before excusing it.
-pub const EXCUSE_AFTER: Duration = Duration::from_millis(5);
+pub const EXCUSE_AFTER: Duration = Duration::from_millis(25);
+/// How long a worker leaves the rest of a queue to the others after taking
+/// its share, before taking more itself (they were woken by the same
+/// arrivals; one that has not come by then is busy).
+const GRACE: Duration = Duration::from_millis(5);
 /// Out of descriptors: how long before trying to accept again.
 const STARVED_RETRY: Duration = Duration::from_millis(100);
 /// Most connections accepted in one wake-up; the rest wait for the next turn
@@ -42,6 +46,8 @@ pub struct Acceptor {
     epoll: Epoll,
     lag: u64,
     waiting_since: Option<Instant>,
+    /// Set when this worker took its share of a queue and left the rest.
+    grace_until: Option<Instant>,
     starved_until: Option<Instant>,
 }
 
@@ -68,6 +74,7 @@ impl Acceptor {
             epoll,
             lag,
             waiting_since: None,
+            grace_until: None,
             starved_until: None,
         })
     }
@@ -98,12 +105,32 @@ impl Acceptor {
                     // Nothing to wait for: the next arrival wakes us.
                     Some(0) => {
                         self.stop_waiting();
+                        self.grace_until = None;
                         return;
                     }
                     // One, for the worker whose turn it is.
                     Some(1) => (0, false),
-                    // A queue (or a socket that cannot tell): run ahead up to the lag.
-                    _ => (self.table.allowance(self.slot, true, self.lag()), true),
+                    // A queue: this worker's share of it, then (after a grace
+                    // for the others) up to the lag; a socket that cannot
+                    // tell: up to the lag.
+                    queue => {
+                        let ahead = self.table.allowance(self.slot, true, self.lag());
+                        let share = queue.map_or(ahead, |q| self.table.share(self.slot, u64::from(q)));
+                        if share > 0 || ahead == 0 {
+                            self.grace_until = None;
+                            (ahead.min(share.max(1)), true)
+                        } else {
+                            match self.grace_until {
+                                None => {
+                                    self.grace_until = Some(now + GRACE);
+                                    self.arm(GRACE);
+                                    return;
+                                }
+                                Some(until) if now < until => return,
+                                Some(_) => (ahead, true),
+                            }
+                        }
+                    }
                 }
             };
             if allowed == 0 {
@@ -146,6 +173,7 @@ impl Acceptor {
                     // EAGAIN, or the socket is no longer listening.
                     Err(_) => {
                         empty = true;
+                        self.grace_until = None;
                         break;
                     }
                 }

@@ -134,6 +134,19 @@ impl Table {
             blocks.then_some(s)
         })
     }
+    /// How many of `queued` waiting connections are this worker's share:
+    /// what brings it level with the others once the queue is shared out
+    /// (rounded up), so a burst into idle workers is split evenly.
+    pub fn share(&self, slot: usize, queued: u64) -> u64 {
+        let (sum, n) = self
+            .in_use()
+            .iter()
+            .filter(|s| s.state.load(SeqCst) == ACTIVE)
+            .fold((0u64, 0u64), |(sum, n), s| (sum + s.accepted.load(SeqCst), n + 1));
+        let level = (sum + queued).div_ceil(n.max(1));
+        level.saturating_sub(self.slots[slot].accepted.load(SeqCst))
+    }
+
     /// Counts `n` connections accepted by `slot`.
     pub fn record(&self, slot: usize, n: u64) {
         self.slots[slot].accepted.fetch_add(n, SeqCst);
@@ -319,6 +332,21 @@ mod tests {
         t.record(0, 1000);
         assert_eq!(t.allowance(0, false, 64), 1);
         assert_eq!(t.allowance(0, true, 64), 64);
+    }
+
+    #[test]
+    fn a_burst_is_shared_out_level() {
+        let t = table(2);
+        t.record(0, 10);
+        t.record(1, 10);
+        assert_eq!(t.share(0, 4), 2);
+        t.record(0, 2);
+        assert_eq!(t.share(0, 2), 0, "its two taken, the rest is the other's");
+        assert_eq!(t.share(1, 2), 2);
+        // Two behind: its share of six makes up the two, then half the rest.
+        assert_eq!(t.share(1, 6), 4);
+        let lone = table(1);
+        assert_eq!(lone.share(0, 7), 7);
     }
 
     #[test]
