@@ -118,7 +118,7 @@ impl Acceptor {
                         let share = queue.map_or(ahead, |q| self.table.share(self.slot, u64::from(q)));
                         if share > 0 || ahead == 0 {
                             self.grace_until = None;
-                            (ahead.min(share.max(1)), true)
+                            (ahead.min(share), true)
                         } else {
                             match self.grace_until {
                                 None => {

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use nix::errno::Errno;
@@ -46,7 +47,7 @@ pub struct WorkerChannel {
     decoder: Mutex<Decoder>,
     /// Delivered, not yet settled: sequence → (listener, descriptor).
     unsettled: Mutex<HashMap<u32, (u32, OwnedFd)>>,
-    next_direct: Mutex<u32>,
+    next_direct: AtomicU32,
 }
 
 impl WorkerChannel {
@@ -60,7 +61,7 @@ impl WorkerChannel {
             fd,
             decoder: Mutex::default(),
             unsettled: Mutex::new(HashMap::new()),
-            next_direct: Mutex::new(0),
+            next_direct: AtomicU32::new(0),
         })
     }
 
@@ -137,12 +138,7 @@ impl WorkerChannel {
     #[cfg(test)]
     pub fn receive(&self, mut deliver: impl FnMut(Vec<u32>) -> bool) -> SysResult<()> {
         loop {
-            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-                Err(Errno::EINTR) => continue,
-                Err(errno) => return Err(SysError { syscall: "poll", errno }),
-                Ok(_) => {}
-            }
+            self.wait_for(PollFlags::POLLIN, PollTimeout::NONE)?;
             let mut batch = Vec::new();
             let open = self.drain(&mut batch, &mut Vec::new())?;
             if !batch.is_empty() && !deliver(batch) {
@@ -157,10 +153,8 @@ impl WorkerChannel {
     /// Adds connections this worker accepted itself on `listener` to `batch`.
     pub fn adopt(&self, listener: u32, fds: Vec<OwnedFd>, batch: &mut Vec<u32>) {
         let mut unsettled = self.unsettled.lock().unwrap();
-        let mut next = self.next_direct.lock().unwrap();
         for fd in fds {
-            let seq = DIRECT | *next;
-            *next = (*next + 1) & !DIRECT;
+            let seq = DIRECT | self.next_direct.fetch_add(1, Ordering::Relaxed);
             batch.extend_from_slice(&[listener, seq, fd.as_raw_fd() as u32]);
             unsettled.insert(seq, (listener, fd));
         }
@@ -229,11 +223,7 @@ impl WorkerChannel {
                 return Err(SysError { syscall: "recvmsg", errno: Errno::ETIMEDOUT });
             }
             let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
-            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-            match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(errno) => return Err(SysError { syscall: "poll", errno }),
-            }
+            self.wait_for(PollFlags::POLLIN, PollTimeout::from(ms))?;
         }
     }
 
@@ -254,6 +244,17 @@ impl WorkerChannel {
         self.write_all_with(bytes, &[])
     }
 
+    /// Waits until the channel is ready for `events`; false when `timeout`
+    /// passed first. A signal counts as a wake-up: the caller looks again.
+    fn wait_for(&self, events: PollFlags, timeout: PollTimeout) -> SysResult<bool> {
+        let mut fds = [PollFd::new(self.fd.as_fd(), events)];
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(n) => Ok(n > 0),
+            Err(Errno::EINTR) => Ok(true),
+            Err(errno) => Err(SysError { syscall: "poll", errno }),
+        }
+    }
+
     /// As `write_all`; the descriptors go with the first bytes sent.
     fn write_all_with(&self, mut bytes: &[u8], mut fds: &[RawFd]) -> SysResult<()> {
         while !bytes.is_empty() {
@@ -264,10 +265,7 @@ impl WorkerChannel {
                 }
                 Err(e) if e.errno == Errno::EINTR => continue,
                 Err(e) if sys::would_block(e.errno) => {
-                    let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLOUT)];
-                    let ready = nix::poll::poll(&mut fds, PollTimeout::from(1000u16))
-                        .map_err(|errno| SysError { syscall: "poll", errno })?;
-                    if ready == 0 {
+                    if !self.wait_for(PollFlags::POLLOUT, PollTimeout::from(1000u16))? {
                         return Err(SysError { syscall: "sendmsg", errno: Errno::ETIMEDOUT });
                     }
                 }
