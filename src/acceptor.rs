@@ -120,6 +120,10 @@ impl Acceptor {
                             self.grace_until = None;
                             (ahead.min(share), true)
                         } else {
+                            // Not held back: only leaving the others their
+                            // share. (While waiting_since is set, the timer
+                            // is the excuse timer; nothing else re-arms it.)
+                            self.stop_waiting();
                             match self.grace_until {
                                 None => {
                                     self.grace_until = Some(now + GRACE);
