@@ -11,7 +11,6 @@ const EventEmitter = require('node:events');
 const native = require('./native.js');
 const Worker = require('./worker.js');
 const { sendControl, controlListener } = require('./protocol.js');
-const { connectionHandle } = require('./handles.js');
 
 const cluster = new EventEmitter();
 const handles = new Map(); // key -> handle, for disconnect
@@ -43,6 +42,10 @@ cluster._setupWorker = function setupWorker(id, channelFd) {
 
   process.on('internalMessage', controlListener(worker, onmessage));
   send({ act: 'online' });
+  // What connections need is loaded on the loop's first turn: after the
+  // app's own start-up code, and usually while its first listen waits for
+  // the primary.
+  setImmediate(handleMaker).unref();
 
   function onmessage(message) {
     if (message.act === 'disconnect') Reflect.apply(disconnectWorker, worker, [true]);
@@ -178,7 +181,7 @@ function onBatch(batch) {
         declined.push(seq);
         continue;
       }
-      const handle = connectionHandle(batch[i + 2], entry.isPipe);
+      const handle = handleMaker().connectionHandle(batch[i + 2], entry.isPipe);
       if (typeof handle === 'number') {
         declined.push(seq);
         continue;
@@ -189,6 +192,14 @@ function onBatch(batch) {
   } finally {
     native.workerSettle(accepted, declined);
   }
+}
+
+// Not loaded before the app starts (see _setupWorker): it brings in
+// node:net, which costs a worker about 2 ms of its start-up.
+let handleModule;
+function handleMaker() {
+  if (handleModule === undefined) handleModule = require('./handles.js');
+  return handleModule;
 }
 
 function send(message, cb) {

@@ -1,18 +1,21 @@
 'use strict';
 // Loads the compiled addon (the generated `binding.js` picks the right
 // `.node` file for this platform) with an error that says how to build it.
-// A worker is told the file its primary loaded (env.ADDON) and loads that one
+// A worker is told the file its primary loaded (ENV.ADDON) and loads that one
 // directly: the same build on both ends, without the platform detection,
 // which costs a worker about a millisecond and a half of its start-up.
 
-const env = require('./env.js');
+const { ENV } = require('./protocol.js');
 
 // The addon and the file it came from (for this process's workers).
 function load() {
-  const given = process.env[env.ADDON];
+  const given = process.env[ENV.ADDON];
   if (given) {
     try {
-      return { binding: require(given), file: given };
+      // process.dlopen skips require's resolution of an absolute path.
+      const module = { exports: {} };
+      process.dlopen(module, given);
+      return { binding: module.exports, file: given };
     } catch {
       // Moved or removed since the primary started: detect as usual.
     }

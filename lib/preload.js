@@ -5,22 +5,22 @@
 // reports isWorker, routes net/dgram listens to our _getServer, and the
 // worker says 'online'. Apps that never require cluster-rs work unchanged.
 
-const env = require('./env.js');
+const { ENV } = require('./protocol.js');
 
 const WORKER = Symbol.for('cluster-rs.worker');
-const id = process.env[env.WORKER_ID];
+const id = process.env[ENV.WORKER_ID];
 
 if (id !== undefined && globalThis[WORKER] === undefined) {
-  const channelFd = Number.parseInt(process.env[env.CHANNEL_FD], 10);
-  const primaryPid = Number.parseInt(process.env[env.PRIMARY_PID], 10) || 0;
-  delete process.env[env.WORKER_ID];
-  delete process.env[env.CHANNEL_FD];
-  delete process.env[env.PRIMARY_PID];
+  const channelFd = Number.parseInt(process.env[ENV.CHANNEL_FD], 10);
+  const primaryPid = Number.parseInt(process.env[ENV.PRIMARY_PID], 10) || 0;
+  delete process.env[ENV.WORKER_ID];
+  delete process.env[ENV.CHANNEL_FD];
+  delete process.env[ENV.PRIMARY_PID];
 
   // Never outlive the primary, even one killed by SIGKILL (Linux: the kernel
   // sends SIGTERM; elsewhere the IPC channel's 'disconnect' ends us).
   const native = require('./native.js');
-  delete process.env[env.ADDON];
+  delete process.env[ENV.ADDON];
   if (native.workerGuard(primaryPid)) process.exit(0);
 
   // Hide our --require from the app and from children it forks.

@@ -10,11 +10,10 @@ const EventEmitter = require('node:events');
 const { fork } = require('node:child_process');
 const native = require('./native.js');
 const Worker = require('./worker.js');
-const { sendControl, controlListener } = require('./protocol.js');
+const { ENV, sendControl, controlListener } = require('./protocol.js');
 const { RoundRobinHandle, SharedHandle, ReusePortHandle } = require('./primary-handles.js');
 const { createSupervisor, validateSettings } = require('./supervisor.js');
 const { badPort, validatePort, systemError } = require('./errors.js');
-const ENV = require('./env.js'); // names of the variables we pass to workers
 
 const cluster = new EventEmitter();
 const intercom = new EventEmitter();

@@ -1,9 +1,23 @@
 'use strict';
-// Control messages between primary and workers ride Node's own IPC channel.
+// What passes between a primary and its workers outside the data channel.
+//
+// At spawn, environment variables (ENV). The preload reads and deletes them
+// before the application starts, so they are neither visible to it nor
+// inherited by its own children. (node:cluster's NODE_UNIQUE_ID is
+// deliberately not used: it would start the built-in worker machinery.)
+//
+// After that, control messages, which ride Node's own IPC channel.
 // A `cmd` that starts with "NODE_" makes child_process emit them as
 // 'internalMessage', never as 'message', so user code never sees them. We use
 // the same message shapes as node:cluster (cmd 'NODE_CLUSTER', act, seq/ack),
 // so tools and tests that watch those messages see what they expect.
+
+const ENV = {
+  WORKER_ID: 'CLUSTER_RS_WORKER_ID',
+  CHANNEL_FD: 'CLUSTER_RS_CHANNEL_FD',
+  PRIMARY_PID: 'CLUSTER_RS_PRIMARY_PID',
+  ADDON: 'CLUSTER_RS_ADDON',
+};
 
 const callbacks = new Map();
 let seq = 0;
@@ -35,4 +49,4 @@ function controlListener(worker, onMessage) {
   };
 }
 
-module.exports = { sendControl, controlListener };
+module.exports = { ENV, sendControl, controlListener };
