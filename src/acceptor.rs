@@ -21,9 +21,9 @@ use crate::sys::{SysResult, Syscall};
 
 /// How long a worker waits for one that holds it back before excusing it.
 pub const EXCUSE_AFTER: Duration = Duration::from_millis(25);
-/// How long a worker leaves the rest of a queue to the others after taking
-/// its share, before taking more itself (they were woken by the same
-/// arrivals; one that has not come by then is busy).
+/// How long, at most, a worker leaves the rest of a queue to the others
+/// after taking its share, while they take from it (they were woken by the
+/// same arrivals); see `Grace`.
 const GRACE: Duration = Duration::from_millis(5);
 /// Out of descriptors: how long before trying to accept again.
 const STARVED_RETRY: Duration = Duration::from_millis(100);
@@ -47,8 +47,17 @@ pub struct Acceptor {
     lag: u64,
     waiting_since: Option<Instant>,
     /// Set when this worker took its share of a queue and left the rest.
-    grace_until: Option<Instant>,
+    grace: Option<Grace>,
     starved_until: Option<Instant>,
+}
+
+/// A worker that took its share of a queue leaves the rest to the others
+/// while they take from it: until `until`, and only as long as the queue is
+/// shorter at each look than at the one before. A queue that did not shrink
+/// means the others are busy, and this worker goes on, up to its lag.
+struct Grace {
+    until: Instant,
+    queue: u32,
 }
 
 impl Acceptor {
@@ -74,7 +83,7 @@ impl Acceptor {
             epoll,
             lag,
             waiting_since: None,
-            grace_until: None,
+            grace: None,
             starved_until: None,
         })
     }
@@ -105,32 +114,38 @@ impl Acceptor {
                     // Nothing to wait for: the next arrival wakes us.
                     Some(0) => {
                         self.stop_waiting();
-                        self.grace_until = None;
+                        self.grace = None;
                         return;
                     }
                     // One, for the worker whose turn it is.
                     Some(1) => (0, false),
-                    // A queue: this worker's share of it, then (after a grace
-                    // for the others) up to the lag; a socket that cannot
-                    // tell: up to the lag.
+                    // A queue: this worker's share of it, then (once the
+                    // others stop taking from it) up to the lag; a socket
+                    // that cannot tell: up to the lag.
                     queue => {
                         let ahead = self.table.allowance(self.slot, true, self.lag());
                         let share = queue.map_or(ahead, |q| self.table.share(self.slot, u64::from(q)));
                         if share > 0 || ahead == 0 {
-                            self.grace_until = None;
+                            self.grace = None;
                             (ahead.min(share), true)
                         } else {
                             // Not held back: only leaving the others their
                             // share. (While waiting_since is set, the timer
                             // is the excuse timer; nothing else re-arms it.)
                             self.stop_waiting();
-                            match self.grace_until {
+                            let queue = queue.unwrap_or(0);
+                            match self.grace {
                                 None => {
-                                    self.grace_until = Some(now + GRACE);
+                                    self.grace = Some(Grace { until: now + GRACE, queue });
                                     self.arm(GRACE);
                                     return;
                                 }
-                                Some(until) if now < until => return,
+                                Some(Grace { until, queue: before }) if now < until && queue < before => {
+                                    self.grace = Some(Grace { until, queue });
+                                    return;
+                                }
+                                // The others took nothing since we last
+                                // looked (they are busy), or the grace is over.
                                 Some(_) => (ahead, true),
                             }
                         }
@@ -177,7 +192,7 @@ impl Acceptor {
                     // EAGAIN, or the socket is no longer listening.
                     Err(_) => {
                         empty = true;
-                        self.grace_until = None;
+                        self.grace = None;
                         break;
                     }
                 }
@@ -291,4 +306,72 @@ fn queue_length(fd: RawFd) -> Option<u32> {
     };
     // For a listening socket the kernel reports its accept queue as `unacked`.
     (rc == 0 && info.tcpi_state == TCP_LISTEN).then_some(info.tcpi_unacked)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::time::{Duration, Instant};
+
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+
+    use super::{queue_length, Acceptor};
+    use crate::ledger::shared::SharedTable;
+
+    /// Two workers' acceptors on one listener, both having accepted 100,000
+    /// connections, so that either may run 1,000 ahead of the other.
+    fn two_busy_workers() -> (TcpListener, SharedTable, Acceptor, Acceptor) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (table, memfd) = SharedTable::create().unwrap();
+        let progress: OwnedFd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap().into();
+        let socket = || OwnedFd::from(listener.try_clone().unwrap());
+        let dup = |fd: &OwnedFd| fd.as_fd().try_clone_to_owned().unwrap();
+        let a = Acceptor::new(socket(), dup(&memfd), dup(&progress), 0, 8).unwrap();
+        let b = Acceptor::new(socket(), dup(&memfd), dup(&progress), 1, 8).unwrap();
+        table.record(0, 100_000);
+        table.record(1, 100_000);
+        (listener, table, a, b)
+    }
+
+    /// Opens `n` connections and waits until all of them are in the
+    /// listener's accept queue.
+    fn connect(listener: &TcpListener, n: u32) -> Vec<TcpStream> {
+        let addr = listener.local_addr().unwrap();
+        let queued = queue_length(listener.as_raw_fd()).unwrap();
+        let clients = (0..n).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queue_length(listener.as_raw_fd()).unwrap() < queued + n {
+            assert!(Instant::now() < deadline, "connections never reached the accept queue");
+            std::thread::yield_now();
+        }
+        clients
+    }
+
+    #[test]
+    fn a_burst_is_shared_out_even_when_the_lag_would_allow_more() {
+        let (listener, table, mut a, mut b) = two_busy_workers();
+        let _clients = connect(&listener, 10);
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        a.run(&mut got_a);
+        assert_eq!(got_a.len(), 5, "the first worker takes its share and leaves the rest");
+        b.run(&mut got_b);
+        assert_eq!(got_b.len(), 5);
+        assert_eq!((table.accepted(0), table.accepted(1)), (100_005, 100_005));
+    }
+
+    #[test]
+    fn a_queue_the_others_do_not_take_from_is_not_left_to_them() {
+        let (listener, table, mut a, _b) = two_busy_workers();
+        let _clients = connect(&listener, 10);
+        let mut got = Vec::new();
+        a.run(&mut got);
+        assert_eq!(got.len(), 5);
+        // The other worker took nothing since: it is busy, so this one goes
+        // on (within its lag) rather than leave connections waiting.
+        a.run(&mut got);
+        assert_eq!(got.len(), 10);
+        assert_eq!(table.accepted(0), 100_010);
+    }
 }
