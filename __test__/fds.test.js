@@ -4,7 +4,7 @@
 
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { runOk, one, killAll } = require('./helpers.js');
+const { runOk, one, killAll, LEDGER } = require('./helpers.js');
 
 after(killAll);
 
@@ -30,8 +30,8 @@ for (const policy of ['rr', 'none']) {
       // A node child of a worker is a primary again, with no cluster variables.
       assert.deepEqual(r.child, { isPrimary: true, isWorker: false, builtin: false, env: [] }, r.childErr);
     }
-    // Under the ledger (Linux) the worker also holds the listening socket it accepts on.
-    const own = process.platform === 'linux' ? 4 : 3;
+    // Under the ledger the worker also holds the listening socket it accepts on.
+    const own = LEDGER ? 4 : 3;
     if (policy === 'rr') assert.equal(one(rs, 'result').ownSockets, own, 'IPC, native channel, [listener,] connection');
   });
 

@@ -264,9 +264,12 @@ function makeCert(dir) {
 // For tests of the dispatcher (the primary accepts and hands connections on),
 // which the ledger replaces by default on Linux.
 const DISPATCH = Object.freeze({ CLUSTER_RS_BALANCE: 'dispatch' });
+// Whether round-robin uses the ledger unless DISPATCH is set: workers accept
+// themselves, so the primary hands them nothing.
+const LEDGER = process.platform === 'linux';
 
 module.exports = {
-  DISPATCH,
+  DISPATCH, LEDGER,
   ROOT, FIXTURES, fixture, runPrimary, runOk, pick, one, alive, waitGone, groupMembers, procStat, which, tmpdir,
   hasIPv6Loopback, makeCert, killAll, killGroup,
 };

@@ -4,7 +4,7 @@
 
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { runPrimary, runOk, one, killAll, waitGone, alive, DISPATCH } = require('./helpers.js');
+const { runPrimary, runOk, one, killAll, waitGone, alive, DISPATCH, LEDGER } = require('./helpers.js');
 
 after(killAll);
 
@@ -63,7 +63,7 @@ test('connections held by a stuck worker are served by another once it is killed
 });
 
 test('under the ledger a stuck worker holds no connection: the other serves every one', {
-  skip: process.platform !== 'linux' && 'the ledger is Linux-only',
+  skip: !LEDGER && 'the ledger is Linux-only',
 }, async () => {
   const result = await runOk('stuck-worker.js', ['12']);
   const r = one(result, 'result');
