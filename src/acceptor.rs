@@ -16,7 +16,7 @@ use nix::sys::socket::{self, SockFlag};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
-use crate::ledger::shared::SharedTable;
+use crate::ledger::shared::{signal_progress, SharedTable};
 use crate::sys::{SysResult, Syscall};
 
 /// How long a worker waits for one that holds it back before excusing it.
@@ -234,8 +234,7 @@ impl Acceptor {
     }
 
     fn signal(&self) {
-        // An eventfd's counter only overflows after 2^64 - 2 writes.
-        let _ = nix::unistd::write(self.progress.as_fd(), &1u64.to_ne_bytes());
+        signal_progress(self.progress.as_fd());
     }
 
     fn arm(&self, after: Duration) {

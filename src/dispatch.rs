@@ -641,7 +641,7 @@ mod ledger_share {
 
     use nix::sys::eventfd::{EfdFlags, EventFd};
 
-    use crate::ledger::shared::SharedTable;
+    use crate::ledger::shared::{signal_progress, SharedTable};
     use crate::sys::{self, SysResult, Syscall};
     use crate::wire::Record;
 
@@ -685,7 +685,7 @@ mod ledger_share {
         pub fn release(&mut self, channel: u32) {
             if let Some(slot) = self.slots.remove(&channel) {
                 self.table.detach(slot);
-                let _ = nix::unistd::write(self.progress.as_fd(), &1u64.to_ne_bytes());
+                signal_progress(self.progress.as_fd());
             }
         }
     }

@@ -188,7 +188,7 @@ impl Table {
 #[cfg(target_os = "linux")]
 pub mod shared {
     use std::num::NonZeroUsize;
-    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
     use std::ptr::NonNull;
 
     use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -226,6 +226,13 @@ pub mod shared {
             let ptr = unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED, fd.as_fd(), 0) }.syscall("mmap")?;
             Ok(SharedTable { ptr: ptr.cast() })
         }
+    }
+
+    /// Tells the workers waiting on a listener's progress eventfd that they
+    /// may look again (someone accepted, or a slot was freed).
+    pub fn signal_progress(progress: BorrowedFd<'_>) {
+        // An eventfd's counter only overflows after 2^64 - 2 writes.
+        let _ = nix::unistd::write(progress, &1u64.to_ne_bytes());
     }
 
     impl std::ops::Deref for SharedTable {
