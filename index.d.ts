@@ -8,9 +8,9 @@
 // extra settings (ClusterRsSettings), shutdown(), reload() and the 'giveup'
 // event.
 //
-// `require('cluster-rs')` returns the cluster object itself (index.js); the ESM
-// entry (index.mjs) default-exports that object and re-exports its members by
-// name. The package is CommonJS-format for TypeScript (no "type": "module"),
+// `require('cluster-rs')` returns the cluster object itself (index.js); ESM
+// imports get that object as the default export and its members by name
+// (Node's CommonJS interop, from the names index.js lists). The package is CommonJS-format for TypeScript (no "type": "module"),
 // so the declaration is `export =`, which TypeScript maps correctly for both
 // CommonJS and ESM (nodenext) consumers. An ES-style `export default` would
 // break `import cluster from 'cluster-rs'` in ESM under nodenext, where the

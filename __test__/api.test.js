@@ -6,7 +6,8 @@
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
-const { runOk, runPrimary, one, killAll, tmpdir, DISPATCH } = require('./helpers.js');
+const path = require('node:path');
+const { runOk, runPrimary, one, killAll, tmpdir, fixture, ROOT, DISPATCH } = require('./helpers.js');
 
 after(killAll);
 
@@ -207,18 +208,40 @@ test('junk records on the native channel are ignored', async () => {
   assert.deepEqual(r.stats['1'], { handed: 4, accepted: 4, declined: 0, held: 0 });
 });
 
-test('ESM entry: default and named exports in primary and worker; settings is live', async () => {
-  const rs = await runOk('esm.mjs');
-  assert.deepEqual(one(rs, 'primary'), {
-    ev: 'primary', isPrimary: true, isWorker: false, isMaster: true, sameAsRequire: true, workersSame: true,
-    listed: ['1'], before: {}, settingsArgs: ['from-esm'], settingsLive: true, schedulingPolicy: 2, SCHED_RR: 2,
-    SCHED_NONE: 1, worker: 'undefined', forkIsFunction: 'function',
-  });
-  assert.deepEqual(one(rs, 'from-worker'), {
-    ev: 'from-worker', isPrimary: false, isWorker: true, isMaster: false, args: ['from-esm'], id: 1,
-    sameWorker: true, fork: 'undefined', workers: 'undefined', port: true,
-  });
-  assert.deepEqual(one(rs, 'listening'), { ev: 'listening', id: 1, addressType: 4 });
+// Imported by package name from node_modules, as after an install; the same
+// app imports node:cluster in its twin.
+test('ESM: default and named exports in primary and worker, as node:cluster\'s', async () => {
+  const dir = tmpdir();
+  try {
+    fs.mkdirSync(path.join(dir, 'node_modules'));
+    fs.symlinkSync(ROOT, path.join(dir, 'node_modules', 'cluster-rs'), 'dir');
+    const text = fs.readFileSync(fixture('esm.mjs'), 'utf8');
+    fs.writeFileSync(path.join(dir, 'rs.mjs'), text);
+    fs.writeFileSync(path.join(dir, 'node.mjs'), text.replaceAll("'cluster-rs'", "'node:cluster'"));
+    const [rs, node] = await Promise.all([
+      runOk(path.join(dir, 'rs.mjs'), [], { cwd: dir }),
+      runOk(path.join(dir, 'node.mjs'), [], { cwd: dir, module: 'node' }),
+    ]);
+    const primary = one(rs, 'primary');
+    assert.deepEqual(primary, {
+      ev: 'primary', isPrimary: true, isWorker: false, isMaster: true, sameAsRequire: true, defaultInNamespace: true,
+      workersSame: true, listed: ['1'], atImport: {}, namedSettingsAfterSetup: false, args: ['from-esm'],
+      schedulingPolicy: 2, SCHED_RR: 2, SCHED_NONE: 1, worker: 'undefined', forkIsFunction: 'function',
+      workerClass: 'function',
+    });
+    assert.deepEqual(primary, one(node, 'primary'));
+    const fromWorker = one(rs, 'from-worker');
+    assert.deepEqual(fromWorker, {
+      ev: 'from-worker', isPrimary: false, isWorker: true, isMaster: false, args: ['from-esm'], id: 1,
+      sameWorker: true, fork: 'undefined', workers: 'undefined', port: true,
+    });
+    assert.deepEqual(fromWorker, one(node, 'from-worker'));
+    assert.deepEqual(one(rs, 'listening'), { ev: 'listening', id: 1, addressType: 4 });
+    assert.deepEqual(one(rs, 'extensions').names, ['SCHED_REUSEPORT', 'shutdown', 'reload']);
+    assert.deepEqual(one(node, 'extensions').names, []);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('a failing fixture is reported, not hidden (sanity check of the harness)', async () => {

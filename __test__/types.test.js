@@ -17,7 +17,7 @@
 // esModuleInterop) and NodeNext (ESM .mts and CommonJS .cts copies, with and
 // without esModuleInterop). 'cluster-rs' resolves to <repo>/index.d.ts via
 // `paths`, plus one NodeNext run that resolves it like a real install would
-// (node_modules/cluster-rs -> repo, through package.json "exports"/"types").
+// (node_modules/cluster-rs -> repo, through package.json "types").
 //
 // Needs the `typescript` (5.x or 6.x) and `@types/node` (20.x) packages, from
 // the repo's node_modules or NODE_PATH; CLUSTER_RS_TYPES_NODE_MODULES=<dir>
@@ -109,7 +109,7 @@ function configs(ts) {
     { name: 'commonjs + esModuleInterop + exactOptionalPropertyTypes', tsExts: ['.ts'], jsExt: '.js', options: { ...cjs, esModuleInterop: true, exactOptionalPropertyTypes: true } },
     { name: 'nodenext (.mts ESM + .cts CJS)', tsExts: ['.mts', '.cts'], jsExt: '.cjs', options: { ...nodenext } },
     { name: 'nodenext, esModuleInterop: false', tsExts: ['.mts', '.cts'], jsExt: '.cjs', options: { ...nodenext, esModuleInterop: false } },
-    { name: 'nodenext via package.json exports', tsExts: ['.mts', '.cts'], jsExt: '.cjs', options: { ...nodenext }, viaPackage: true },
+    { name: 'nodenext via package.json "types"', tsExts: ['.mts', '.cts'], jsExt: '.cjs', options: { ...nodenext }, viaPackage: true },
   ];
 }
 
