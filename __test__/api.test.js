@@ -227,13 +227,13 @@ test('ESM: default and named exports in primary and worker, as node:cluster\'s',
       ev: 'primary', isPrimary: true, isWorker: false, isMaster: true, sameAsRequire: true, defaultInNamespace: true,
       workersSame: true, listed: ['1'], atImport: {}, namedSettingsAfterSetup: false, args: ['from-esm'],
       schedulingPolicy: 2, SCHED_RR: 2, SCHED_NONE: 1, worker: 'undefined', forkIsFunction: 'function',
-      workerClass: 'function',
+      workerClass: 'function', notImportable: [],
     });
     assert.deepEqual(primary, one(node, 'primary'));
     const fromWorker = one(rs, 'from-worker');
     assert.deepEqual(fromWorker, {
       ev: 'from-worker', isPrimary: false, isWorker: true, isMaster: false, args: ['from-esm'], id: 1,
-      sameWorker: true, fork: 'undefined', workers: 'undefined', port: true,
+      sameWorker: true, fork: 'undefined', workers: 'undefined', port: true, notImportable: [],
     });
     assert.deepEqual(fromWorker, one(node, 'from-worker'));
     assert.deepEqual(one(rs, 'listening'), { ev: 'listening', id: 1, addressType: 4 });
