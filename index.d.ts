@@ -10,8 +10,9 @@
 //
 // `require('cluster-rs')` returns the cluster object itself (index.js); ESM
 // imports get that object as the default export and its members by name
-// (Node's CommonJS interop, from the names index.js lists). The package is CommonJS-format for TypeScript (no "type": "module"),
-// so the declaration is `export =`, which TypeScript maps correctly for both
+// (Node's CommonJS interop, from the names index.js lists). The package is
+// CommonJS-format for TypeScript (no "type": "module"), so the declaration
+// is `export =`, which TypeScript maps correctly for both
 // CommonJS and ESM (nodenext) consumers. An ES-style `export default` would
 // break `import cluster from 'cluster-rs'` in ESM under nodenext, where the
 // default import of a CommonJS module is the whole `module.exports`.

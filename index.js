@@ -18,11 +18,11 @@ function load() {
 module.exports = load();
 
 // The names `import { ... } from 'cluster-rs'` offers. Node reads them from
-// this line without running it; each takes its value from the object above
-// when first imported, as node:cluster's named exports do (a name the current
-// side lacks is undefined). There is deliberately no "exports" map in
-// package.json: resolving one loads Node's ESM resolver, about 2 ms of every
-// worker's start-up in an app that has no other package needing it.
+// this statement without running it; each takes its value from the object
+// above when first imported, as node:cluster's named exports do (a name the
+// current side lacks is undefined). There is deliberately no "exports" map
+// in package.json: resolving one loads Node's ESM resolver, about 2 ms of
+// every worker's start-up in an app that has no other package needing it.
 0 && (module.exports = {
   SCHED_NONE, SCHED_RR, SCHED_REUSEPORT, Worker, isMaster, isPrimary, isWorker, fork, disconnect, setupPrimary,
   setupMaster, settings, schedulingPolicy, workers, worker, shutdown, reload,
