@@ -28,7 +28,9 @@
 //   --out DIR           output directory (default bench/results)
 //
 // Environment: BENCH_RS_PATH=<dir> benchmarks another build of cluster-rs
-// (default: this checkout), e.g. to compare two commits.
+// (default: this checkout), e.g. to compare two commits. The servers load it
+// by package name, as an installed app does: bench/node_modules/cluster-rs
+// is made a link to that build.
 //
 // Needs wrk (Debian/Ubuntu: apt-get install -y wrk). Writes
 // bench/results/latest.{json,md,svg}. Each measurement starts bench/server.js
@@ -183,6 +185,22 @@ function checkWrk() {
   }
   if (r.error) die(`cannot run wrk: ${r.error.message}`, 2);
   return ((r.stdout || '') + (r.stderr || '')).split('\n')[0].replace(/\s+Copyright.*$/, '').trim();
+}
+
+// Makes bench/node_modules/cluster-rs a link to the build under test, so
+// that bench/server.js loads it by name, resolution included, as an app
+// that installed it does.
+function linkPackage() {
+  const dir = path.join(__dirname, 'node_modules');
+  const link = path.join(dir, 'cluster-rs');
+  try {
+    if (fs.realpathSync(link) === fs.realpathSync(RS_PATH)) return;
+  } catch {
+    // Missing or dangling: made below.
+  }
+  fs.mkdirSync(dir, { recursive: true });
+  fs.rmSync(link, { force: true }); // the link only (never a real directory: that throws)
+  fs.symlinkSync(RS_PATH, link, process.platform === 'win32' ? 'junction' : 'dir');
 }
 
 function checkClusterRs() {
@@ -408,10 +426,10 @@ async function measure(implName, scenario, workers, cfg) {
     BENCH_HOST: HOST,
     BENCH_PORT: String(port),
     BENCH_CPU_ITER: String(scenario === 'cpu' ? cfg.cpuIter : 0),
-    BENCH_RS_PATH: RS_PATH,
     BENCH_MAX_LIFE_MS: String(START_TIMEOUT_MS + (cfg.warmup + cfg.duration) * 1000 + 60000),
   });
   Object.assign(env, def.env);
+  delete env.BENCH_RS_PATH; // the server loads the linked package (see linkPackage)
   delete env.NODE_UNIQUE_ID; // never let the primary think it is a worker
   delete env.NODE_CHANNEL_FD;
   if (def.policy) { env.BENCH_POLICY = def.policy; env.NODE_CLUSTER_SCHED_POLICY = def.policy; } else {
@@ -708,6 +726,8 @@ async function main() {
       notes.push(msg);
       skipped.push(...sk);
       impls = impls.filter((i) => IMPL_DEF[i].impl !== 'rs');
+    } else {
+      linkPackage();
     }
   }
   if (!impls.length) die('nothing to run (all requested implementations were skipped)', 1);

@@ -10,7 +10,8 @@
 //
 // Environment:
 //   BENCH_IMPL        node   -> require('node:cluster')
-//                     rs     -> require(BENCH_RS_PATH)  (cluster-rs)
+//                     rs     -> require(BENCH_RS_PATH || 'cluster-rs'); the harness
+//                               links bench/node_modules/cluster-rs to the build
 //                     single -> one plain process, no cluster at all
 //   BENCH_POLICY      rr | none | reuseport (cluster-rs only)  (also exported as NODE_CLUSTER_SCHED_POLICY
 //                     by the harness; here we additionally set
@@ -22,7 +23,6 @@
 
 const http = require('node:http');
 const crypto = require('node:crypto');
-const path = require('node:path');
 const { performance } = require('node:perf_hooks');
 
 const IMPL = process.env.BENCH_IMPL || 'node';
@@ -117,7 +117,7 @@ if (IMPL === 'single') {
 // ---------------------------------------------------------------- cluster
 let cluster;
 if (IMPL === 'node') cluster = require('node:cluster');
-else if (IMPL === 'rs') cluster = require(process.env.BENCH_RS_PATH || path.resolve(__dirname, '..'));
+else if (IMPL === 'rs') cluster = require(process.env.BENCH_RS_PATH || 'cluster-rs');
 else throw new Error('BENCH_IMPL must be node, rs or single, got ' + IMPL);
 
 const isPrimary = cluster.isPrimary !== undefined ? cluster.isPrimary : cluster.isMaster;
