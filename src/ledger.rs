@@ -134,6 +134,7 @@ impl Table {
             blocks.then_some(s)
         })
     }
+
     /// How many of `queued` waiting connections are this worker's share:
     /// what brings it level with the others once the queue is shared out
     /// (rounded up), so a burst into idle workers is split evenly.
