@@ -15,6 +15,9 @@
 //   --impl a,b,...      node-rr, node-none, rs-rr, rs-dispatch, rs-none, rs-reuseport, single (default all;
 //                       rs-* are skipped with a message if cluster-rs cannot be
 //                       loaded, i.e. the addon is not built yet)
+//   --base IMPL         the impl the ratios are taken against (default node-rr
+//                       if it runs, else the first); "paired" is the median of
+//                       the ratios within each round
 //   --rounds N          interleaved rounds; every impl runs once per round and
 //                       the order rotates between rounds; medians are reported
 //   --duration S        wrk duration per measurement, whole seconds
@@ -111,6 +114,7 @@ function parseArgs(argv) {
     switch (a) {
       case '--quick': o.quick = true; break;
       case '--impl': case '--impls': o.impls = take().split(',').map((s) => s.trim()).filter(Boolean); break;
+      case '--base': o.base = take().trim(); break;
       case '--rounds': o.rounds = posInt(take(), a); break;
       case '--duration': case '-d': o.duration = posInt(String(take()).replace(/s$/, ''), a); break;
       case '--warmup': o.warmup = nonNegInt(String(take()).replace(/s$/, ''), a); break;
@@ -499,8 +503,8 @@ async function measure(implName, scenario, workers, cfg) {
 }
 
 // ------------------------------------------------------------------ aggregation
-function aggregate(runs, impls, scenarios, workerCounts) {
-  const baseline = impls.includes('node-rr') ? 'node-rr' : impls[0];
+function aggregate(runs, impls, scenarios, workerCounts, base) {
+  const baseline = base ?? (impls.includes('node-rr') ? 'node-rr' : impls[0]);
   const rows = [];
   for (const scenario of scenarios) {
     for (const wc of workerCounts) {
@@ -530,7 +534,20 @@ function aggregate(runs, impls, scenarios, workerCounts) {
         });
       }
       const base = group.find((g) => g.impl === baseline);
-      for (const g of group) g.ratio = base && base.rps ? g.rps / base.rps : null;
+      const baseRuns = runs.filter((r) => r.impl === baseline && r.scenario === scenario && r.wc === wc);
+      for (const g of group) {
+        g.ratio = base && base.rps ? g.rps / base.rps : null;
+        // Each round measures every impl within about a minute, so a ratio
+        // taken within the round is spared the machine's drift between rounds.
+        const paired = [];
+        for (const r of g.impl === baseline ? [] : runs) {
+          if (r.impl !== g.impl || r.scenario !== scenario || r.wc !== wc) continue;
+          const b = baseRuns.find((x) => x.round === r.round);
+          if (b && b.rps) paired.push(r.rps / b.rps);
+        }
+        g.pairedRatio = paired.length > 1 ? median(paired) : null;
+        g.pairedRange = paired.length > 1 ? [Math.min(...paired), Math.max(...paired)] : null;
+      }
       rows.push(...group);
     }
   }
@@ -560,6 +577,8 @@ const COLS = [
   ['req/s', (r) => fmt.int(r.rps), 'r'],
   ['spread', (r) => (r.n > 1 && r.rps ? '±' + ((Math.max(...r.rpsAll) - Math.min(...r.rpsAll)) / 2 / r.rps * 100).toFixed(0) + '%' : '—'), 'r'],
   ['vs base', (r) => fmt.ratio(r.ratio), 'r'],
+  ['paired', (r) => (r.pairedRatio == null ? '—' :
+    `${fmt.ratio(r.pairedRatio)} (${r.pairedRange.map((x) => x.toFixed(2)).join('–')})`), 'r'],
   ['p50', (r) => fmt.ms(r.p50Us), 'r'],
   ['p99', (r) => fmt.ms(r.p99Us), 'r'],
   ['errors', (r) => fmt.int(r.errors), 'r'],
@@ -672,6 +691,7 @@ function markdown(agg, meta, notes) {
 const NOTES = [
   'close: every request sends `Connection: close` (set in bench/wrk.lua), so each request is a new TCP connection; keepalive: wrk\'s persistent connections; cpu: keep-alive with ~1 ms of pbkdf2 per request.',
   'spread = ±half the range (max − min) of req/s over the rounds, relative to the median: a quick noise indicator.',
+  'paired = the median, over rounds, of req/s ÷ the baseline\'s req/s in the same round (range in brackets); the impls of a round run back to back, so this ratio is less exposed to the machine\'s drift than "vs base". Shown from 2 rounds.',
   'errors = wrk socket errors (connect, read, write, timeout) + non-2xx/3xx responses.',
   'conns/worker = TCP connections each worker\'s server saw (`connection` events), sorted descending, median per position; conn CV = stddev/mean over workers (0 = perfectly even).',
   'prim CPU = user+system CPU of the primary process (all its threads) during the measured load (process.cpuUsage() in the primary); per 10k conn only shown when ≥ 1000 connections were made (not meaningful for keep-alive). For `single` the "primary" is the only process and does all the work.',
@@ -731,6 +751,7 @@ async function main() {
     }
   }
   if (!impls.length) die('nothing to run (all requested implementations were skipped)', 1);
+  if (a.base !== undefined && !impls.includes(a.base)) die(`--base ${a.base} is not among the implementations run (${impls.join(', ')})`, 2);
 
   if (cfg.scenarios.includes('cpu')) {
     cfg.cpuIter = calibrateCpu(cfg.cpuMs);
@@ -743,7 +764,7 @@ async function main() {
     '--workers', workerCounts.join(','),
     '--rounds', cfg.rounds, '--duration', cfg.duration, '--warmup', cfg.warmup,
     '--connections', cfg.connections, '--threads', cfg.threads,
-  ].concat(cfg.cpuMs !== 1 ? ['--cpu-ms', cfg.cpuMs] : []).join(' ');
+  ].concat(cfg.cpuMs !== 1 ? ['--cpu-ms', cfg.cpuMs] : [], a.base !== undefined ? ['--base', a.base] : []).join(' ');
   console.log(`bench: ${wrkVersion}; wrk -t${cfg.threads} -c${cfg.connections} -d${cfg.duration}s (+${cfg.warmup}s warm-up), ` +
     `${cfg.rounds} round(s); impls ${impls.join(', ')}; scenarios ${cfg.scenarios.join(', ')}; workers ${workerCounts.join(', ')}`);
   console.log(`bench: reproduce with: ${command}`);
@@ -793,7 +814,7 @@ async function main() {
     for (const w of warn) console.log(`      warning: ${w}`);
   }
 
-  const agg = aggregate(runs, impls, cfg.scenarios, workerCounts);
+  const agg = aggregate(runs, impls, cfg.scenarios, workerCounts, a.base);
   const elapsedS = (Date.now() - tStart) / 1000;
   const meta = {
     date: new Date().toISOString(),
