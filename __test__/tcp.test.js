@@ -87,6 +87,28 @@ for (const window of ['', '64']) {
        });
 }
 
+for (const balance of ['ledger', 'dispatch']) {
+  test(`after a spell of load left one worker ahead, connections one at a time take turns again (${balance})`,
+       async () => {
+         // Under the ledger a lag of 100 lets the free worker take the whole
+         // burst while the other is stuck; the dispatcher gives the stuck one
+         // its window of 8.
+         const env = { CLUSTER_RS_BALANCE: balance, CLUSTER_RS_LAG: '100' };
+         const [rs, node] = await both('tcp.js', ['afterload'], { env });
+         for (const r of [one(rs, 'result'), one(node, 'result')]) {
+           assert.equal(r.burst[0] + r.burst[1], 30);
+           assert.equal(r.after.length, 10);
+         }
+         const { burst, after } = one(rs, 'result');
+         assert.ok(burst[1] >= burst[0] + 10, `the burst went mostly to the free worker: ${burst}`);
+         // Within one of each other, then in turn: the stuck worker's
+         // shortfall is not made up with the next connections.
+         const runs = after.join('').match(/1+|2+/g);
+         assert.ok(runs.every((run) => run.length <= 2) && runs.filter((run) => run.length === 2).length <= 1,
+                   `not in turn: ${after}`);
+       });
+}
+
 test('clients that reset their connections at once leave the workers serving', async () => {
   const [rs, node] = await both('tcp.js', ['resets']);
   for (const result of [rs, node]) {

@@ -17,6 +17,7 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 use crate::ledger::shared::{signal_progress, SharedTable};
+use crate::ledger::QUIET;
 use crate::sys::{SysResult, Syscall};
 
 /// How long a worker waits for one that holds it back before excusing it.
@@ -104,6 +105,15 @@ impl Acceptor {
             return;
         }
         self.starved_until = None;
+        let clock = monotonic_ns();
+        if self.table.quiet(clock, QUIET.as_nanos() as u64)
+            && self.pending().is_some_and(|queue| queue <= 1)
+            && self.table.level() > 0
+            && self.table.waiters() > 0
+        {
+            // The turn may now be a waiting worker's.
+            self.signal();
+        }
         let mut taken = 0;
         loop {
             let strict = self.table.allowance(self.slot, false, self.lag);
@@ -199,6 +209,7 @@ impl Acceptor {
             }
             if got > 0 {
                 self.table.record(self.slot, got);
+                self.table.note_accept(clock);
                 if self.table.waiters() > 0 {
                     self.signal();
                 }
@@ -291,6 +302,12 @@ impl Drop for Acceptor {
     }
 }
 
+/// Nanoseconds on CLOCK_MONOTONIC, which every process of the machine shares.
+fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or_else(|_| TimeSpec::new(0, 0));
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
 /// `TCP_LISTEN` of the kernel's TCP states (include/net/tcp_states.h).
 const TCP_LISTEN: u8 = 10;
 
@@ -358,6 +375,29 @@ mod tests {
         b.run(&mut got_b);
         assert_eq!(got_b.len(), 5);
         assert_eq!((table.accepted(0), table.accepted(1)), (100_005, 100_005));
+    }
+
+    #[test]
+    fn after_a_quiet_spell_connections_one_at_a_time_take_turns_again() {
+        let (listener, table, mut a, mut b) = two_busy_workers();
+        // The last busy spell left the second worker 20 ahead (within its lag).
+        table.record(1, 20);
+        let mut order = String::new();
+        let mut clients = Vec::new();
+        for _ in 0..6 {
+            clients.extend(connect(&listener, 1));
+            let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+            b.run(&mut got_b);
+            a.run(&mut got_a);
+            order.push(match (got_a.len(), got_b.len()) {
+                (1, 0) => 'a',
+                (0, 1) => 'b',
+                other => panic!("one connection, accepted as {other:?}"),
+            });
+        }
+        // The first worker comes within one of the second, then they
+        // alternate, instead of the first taking the next 20.
+        assert_eq!(order, "aababa");
     }
 
     #[test]

@@ -24,6 +24,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -104,6 +105,12 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn start(window: usize, balance: Balance) -> SysResult<Dispatcher> {
+        Dispatcher::start_with_quiet(window, balance, crate::ledger::QUIET)
+    }
+
+    /// As `start`, with another length of quiet after which offers start
+    /// level again (`Listener::level`).
+    fn start_with_quiet(window: usize, balance: Balance, quiet: Duration) -> SysResult<Dispatcher> {
         let (wake, wake_rx) = sys::stream_pair()?;
         sys::set_nonblocking(wake.as_fd(), true)?;
         sys::set_nonblocking(wake_rx.as_fd(), true)?;
@@ -112,6 +119,7 @@ impl Dispatcher {
             wake: wake_rx,
             commands: rx,
             window: window.max(1),
+            quiet,
             listeners: HashMap::new(),
             channels: HashMap::new(),
             next_seq: 0,
@@ -199,9 +207,12 @@ struct Listener {
     /// `members`. The next connection goes to the member with room that was
     /// offered the fewest, the round-robin order breaking ties: a worker
     /// skipped while its window was full catches up once it has room again.
-    /// The debt is bounded (`offer`).
+    /// The debt is bounded (`offer`) and forgotten after a quiet spell
+    /// (`level`).
     offered: Vec<u64>,
     cursor: usize,
+    /// When this thread last accepted on the listener.
+    last_accept: Option<Instant>,
     /// Accepted connections that no worker could take yet.
     pending: VecDeque<Conn>,
     /// Under the ledger: workers accept themselves.
@@ -230,6 +241,17 @@ impl Listener {
             *o = (*o).max(floor);
         }
         self.cursor = (index + 1) % self.members.len();
+    }
+
+    /// After a quiet spell: a member more than one behind the most-offered
+    /// is brought to one behind, so that what the last busy spell left
+    /// uneven is not made up with the next connections (a keep-alive pool,
+    /// WebSockets), and the order of turns is kept.
+    fn level(&mut self) {
+        let floor = self.offered.iter().copied().max().unwrap_or(0).saturating_sub(1);
+        for o in &mut self.offered {
+            *o = (*o).max(floor);
+        }
     }
 
     /// Whether workers accept on this listener themselves (the ledger).
@@ -286,6 +308,7 @@ struct Loop {
     wake: OwnedFd,
     commands: mpsc::Receiver<Command>,
     window: usize,
+    quiet: Duration,
     listeners: HashMap<u32, Listener>,
     channels: HashMap<u32, Channel>,
     next_seq: u32,
@@ -415,6 +438,7 @@ impl Loop {
                         members: Vec::new(),
                         offered: Vec::new(),
                         cursor: 0,
+                        last_accept: None,
                         pending: VecDeque::new(),
                         ledger,
                     },
@@ -453,10 +477,18 @@ impl Loop {
     fn accept_from(&mut self, id: u32) {
         let Some(l) = self.listeners.get(&id) else { return };
         let budget = self.room(l);
+        let quiet = self.quiet;
         let l = self.listeners.get_mut(&id).unwrap();
+        let now = Instant::now();
         for _ in 0..budget {
             match sys::accept(l.socket.fd.as_fd()) {
-                Ok(fd) => l.pending.push_back(Conn { fd, listener: id, declined_by: Vec::new() }),
+                Ok(fd) => {
+                    if l.pending.is_empty() && l.last_accept.is_none_or(|t| now.duration_since(t) >= quiet) {
+                        l.level();
+                    }
+                    l.last_accept = Some(now);
+                    l.pending.push_back(Conn { fd, listener: id, declined_by: Vec::new() });
+                }
                 Err(e) if sys::would_block(e.errno) => break,
                 Err(e) if matches!(e.errno, Errno::ECONNABORTED | Errno::EINTR | Errno::EPROTO) => continue,
                 Err(e) if matches!(e.errno, Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM) => {
@@ -835,8 +867,14 @@ mod tests {
         }
     }
 
+    /// A dispatcher whose listener is never quiet for long enough to level
+    /// its offers, so that tests do not depend on how fast they run.
     fn setup(window: usize) -> (Dispatcher, u32, u16) {
-        let d = Dispatcher::start(window, Balance::Dispatch).unwrap();
+        setup_quiet(window, Duration::MAX)
+    }
+
+    fn setup_quiet(window: usize, quiet: Duration) -> (Dispatcher, u32, u16) {
+        let d = Dispatcher::start_with_quiet(window, Balance::Dispatch, quiet).unwrap();
         let spec = InetSpec {
             host: Some(Ipv4Addr::LOCALHOST.into()),
             scope_id: 0,
@@ -943,6 +981,16 @@ mod tests {
         let order = take_turns(port, &[&a, &b], 6);
         assert_eq!(order[..2], [0, 0], "the worker that was passed over should catch up first: {order:?}");
         assert!(order[2..].windows(2).all(|w| w[0] != w[1]), "not round-robin once level: {order:?}");
+    }
+
+    #[test]
+    fn after_a_quiet_spell_a_worker_passed_over_is_not_made_up_for() {
+        // Every connection here comes after a quiet spell.
+        let (d, l, port) = setup_quiet(1, Duration::ZERO);
+        let (a, b) = (worker(&d, l), worker(&d, l));
+        pass_over(port, &a, &b, 3);
+        // Within one of each other, then in turn (compare the test above).
+        assert_eq!(take_turns(port, &[&a, &b], 6), [0, 1, 0, 1, 0, 1]);
     }
 
     #[test]

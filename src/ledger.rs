@@ -15,11 +15,26 @@
 //! again, and then it joins level with the least-served of the others, so a
 //! stall is never paid back by stalling everyone else.
 //!
+//! Shares are kept within a busy spell, not across quiet ones: once nobody
+//! has accepted for a while, whoever fell behind is brought within one of the
+//! most-served. Otherwise the next connections after a spell of load (a
+//! keep-alive pool, WebSockets) would all go to the worker that took fewer
+//! of the last spell's short-lived ones.
+//!
 //! Slots are written by their owner (the count) and by the primary (attach,
-//! detach); anyone may excuse. Counts are approximate under races by at most
-//! the connections accepted in between, which is all fairness needs.
+//! detach); anyone may excuse or level. Counts are approximate under races
+//! by at most the connections accepted in between, which is all fairness
+//! needs.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::time::Duration;
+
+/// How long a listener must have had nothing to accept before what came
+/// after counts as a new spell, and shares start level again (here, and for
+/// the dispatcher's offers). Under load workers accept every few tens of
+/// microseconds; the load generator of our benchmark pauses for a
+/// millisecond now and then.
+pub const QUIET: Duration = Duration::from_millis(10);
 
 /// Slots per listener: the most workers that can share one listener's ledger.
 /// The table fills one page.
@@ -43,7 +58,9 @@ pub struct Table {
     waiters: AtomicU32,
     /// Slots below this index may be in use.
     high: AtomicU32,
-    _reserved: [u32; 2],
+    /// When a worker last accepted on the listener (nanoseconds on a clock
+    /// all its workers share; 0 before the first).
+    last_accept: AtomicU64,
     slots: [Slot; SLOTS],
 }
 
@@ -57,7 +74,7 @@ impl Table {
         Box::new(Table {
             waiters: AtomicU32::new(0),
             high: AtomicU32::new(0),
-            _reserved: [0; 2],
+            last_accept: AtomicU64::new(0),
             slots: std::array::from_fn(|_| Slot { accepted: AtomicU64::new(0), state: AtomicU32::new(FREE), _pad: 0 }),
         })
     }
@@ -151,6 +168,27 @@ impl Table {
     /// Counts `n` connections accepted by `slot`.
     pub fn record(&self, slot: usize, n: u64) {
         self.slots[slot].accepted.fetch_add(n, SeqCst);
+    }
+
+    /// Notes that a worker accepted at `now`.
+    pub fn note_accept(&self, now: u64) {
+        self.last_accept.store(now, SeqCst);
+    }
+
+    /// Whether nobody has accepted within `quiet` before `now`.
+    pub fn quiet(&self, now: u64, quiet: u64) -> bool {
+        now.saturating_sub(self.last_accept.load(SeqCst)) >= quiet
+    }
+
+    /// Brings every active worker that is more than one behind the
+    /// most-served to one behind: what the last busy spell left uneven is
+    /// not made up with the next connections, and the order of turns is
+    /// kept. Returns how many moved.
+    pub fn level(&self) -> usize {
+        let active = || self.in_use().iter().filter(|s| s.state.load(SeqCst) == ACTIVE);
+        let Some(top) = active().map(|s| s.accepted.load(SeqCst)).max() else { return 0 };
+        let floor = top.saturating_sub(1);
+        active().filter(|s| s.accepted.fetch_max(floor, SeqCst) < floor).count()
     }
 
     /// Excuses the active workers that keep `slot` from accepting (under the
@@ -355,6 +393,42 @@ mod tests {
         assert_eq!(t.share(1, 6), 4);
         let lone = table(1);
         assert_eq!(lone.share(0, 7), 7);
+    }
+
+    #[test]
+    fn after_a_quiet_spell_turns_resume_instead_of_repaying_the_last_spell() {
+        let t = table(3);
+        t.record(0, 100);
+        t.record(1, 20);
+        t.record(2, 99);
+        t.note_accept(5_000);
+        assert!(!t.quiet(5_999, 1_000));
+        assert!(t.quiet(6_000, 1_000));
+        assert_eq!(t.level(), 1, "only the one more than one behind moves");
+        assert_eq!((t.accepted(0), t.accepted(1), t.accepted(2)), (100, 99, 99));
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let turn: Vec<usize> = (0..3).filter(|&i| t.allowance(i, false, 64) > 0).collect();
+            assert_eq!(turn.len(), 1, "exactly one worker's turn");
+            t.record(turn[0], 1);
+            order.push(turn[0]);
+        }
+        assert_eq!(order, vec![1, 2, 0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn leveling_leaves_workers_that_do_not_count_alone() {
+        let t = table(3);
+        t.record(0, 100);
+        t.record(2, 100);
+        t.detach(1);
+        assert_eq!(t.level(), 0);
+        assert_eq!(t.accepted(1), 0);
+        t.attach(1);
+        t.record(2, 50);
+        t.excuse_laggards(2, true, 8);
+        assert_eq!(t.level(), 0, "excused workers rejoin by their own rule");
+        assert_eq!((t.accepted(0), t.accepted(1)), (100, 100));
     }
 
     #[test]
