@@ -301,17 +301,23 @@ mod tests {
         t
     }
 
+    /// Who accepts each of `n` connections made one at a time (nothing
+    /// queues) among `workers` slots.
+    fn turns(t: &Table, workers: usize, n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|_| {
+                let turn: Vec<usize> = (0..workers).filter(|&i| t.allowance(i, false, 64) > 0).collect();
+                assert_eq!(turn.len(), 1, "exactly one worker's turn");
+                t.record(turn[0], 1);
+                turn[0]
+            })
+            .collect()
+    }
+
     #[test]
     fn without_a_queue_workers_take_strict_turns() {
         let t = table(3);
-        let mut order = Vec::new();
-        for _ in 0..7 {
-            let turn: Vec<usize> = (0..3).filter(|&i| t.allowance(i, false, 64) > 0).collect();
-            assert_eq!(turn.len(), 1, "exactly one worker's turn");
-            t.record(turn[0], 1);
-            order.push(turn[0]);
-        }
-        assert_eq!(order, vec![0, 1, 2, 0, 1, 2, 0]);
+        assert_eq!(turns(&t, 3, 7), vec![0, 1, 2, 0, 1, 2, 0]);
     }
 
     #[test]
@@ -406,14 +412,7 @@ mod tests {
         assert!(t.quiet(6_000, 1_000));
         assert_eq!(t.level(), 1, "only the one more than one behind moves");
         assert_eq!((t.accepted(0), t.accepted(1), t.accepted(2)), (100, 99, 99));
-        let mut order = Vec::new();
-        for _ in 0..6 {
-            let turn: Vec<usize> = (0..3).filter(|&i| t.allowance(i, false, 64) > 0).collect();
-            assert_eq!(turn.len(), 1, "exactly one worker's turn");
-            t.record(turn[0], 1);
-            order.push(turn[0]);
-        }
-        assert_eq!(order, vec![1, 2, 0, 1, 2, 0]);
+        assert_eq!(turns(&t, 3, 6), vec![1, 2, 0, 1, 2, 0]);
     }
 
     #[test]
