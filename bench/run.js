@@ -503,8 +503,8 @@ async function measure(implName, scenario, workers, cfg) {
 }
 
 // ------------------------------------------------------------------ aggregation
-function aggregate(runs, impls, scenarios, workerCounts, base) {
-  const baseline = base ?? (impls.includes('node-rr') ? 'node-rr' : impls[0]);
+function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
+  const baseline = baseImpl ?? (impls.includes('node-rr') ? 'node-rr' : impls[0]);
   const rows = [];
   for (const scenario of scenarios) {
     for (const wc of workerCounts) {
