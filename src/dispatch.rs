@@ -236,10 +236,7 @@ impl Listener {
     /// made up all of it.
     fn offer(&mut self, index: usize, limit: u64) {
         self.offered[index] += 1;
-        let floor = self.offered.iter().copied().max().unwrap_or(0).saturating_sub(limit);
-        for o in &mut self.offered {
-            *o = (*o).max(floor);
-        }
+        self.bring_within(limit);
         self.cursor = (index + 1) % self.members.len();
     }
 
@@ -248,7 +245,13 @@ impl Listener {
     /// uneven is not made up with the next connections (a keep-alive pool,
     /// WebSockets), and the order of turns is kept.
     fn level(&mut self) {
-        let floor = self.offered.iter().copied().max().unwrap_or(0).saturating_sub(1);
+        self.bring_within(1);
+    }
+
+    /// Brings every member more than `limit` behind the most-offered one
+    /// up to that distance.
+    fn bring_within(&mut self, limit: u64) {
+        let floor = self.offered.iter().copied().max().unwrap_or(0).saturating_sub(limit);
         for o in &mut self.offered {
             *o = (*o).max(floor);
         }

@@ -84,6 +84,11 @@ impl Table {
         &self.slots[..high]
     }
 
+    /// The slots of workers that count now.
+    fn active(&self) -> impl Iterator<Item = &Slot> {
+        self.in_use().iter().filter(|s| s.state.load(SeqCst) == ACTIVE)
+    }
+
     /// The least count among active slots, leaving out `except`.
     fn floor(&self, except: Option<usize>) -> Option<u64> {
         self.in_use()
@@ -156,11 +161,7 @@ impl Table {
     /// what brings it level with the others once the queue is shared out
     /// (rounded up), so a burst into idle workers is split evenly.
     pub fn share(&self, slot: usize, queued: u64) -> u64 {
-        let (sum, n) = self
-            .in_use()
-            .iter()
-            .filter(|s| s.state.load(SeqCst) == ACTIVE)
-            .fold((0u64, 0u64), |(sum, n), s| (sum + s.accepted.load(SeqCst), n + 1));
+        let (sum, n) = self.active().fold((0u64, 0u64), |(sum, n), s| (sum + s.accepted.load(SeqCst), n + 1));
         let level = (sum + queued).div_ceil(n.max(1));
         level.saturating_sub(self.slots[slot].accepted.load(SeqCst))
     }
@@ -185,10 +186,9 @@ impl Table {
     /// not made up with the next connections, and the order of turns is
     /// kept. Returns how many moved.
     pub fn level(&self) -> usize {
-        let active = || self.in_use().iter().filter(|s| s.state.load(SeqCst) == ACTIVE);
-        let Some(top) = active().map(|s| s.accepted.load(SeqCst)).max() else { return 0 };
+        let Some(top) = self.active().map(|s| s.accepted.load(SeqCst)).max() else { return 0 };
         let floor = top.saturating_sub(1);
-        active().filter(|s| s.accepted.fetch_max(floor, SeqCst) < floor).count()
+        self.active().filter(|s| s.accepted.fetch_max(floor, SeqCst) < floor).count()
     }
 
     /// Excuses the active workers that keep `slot` from accepting (under the
