@@ -50,6 +50,10 @@ pub struct Acceptor {
     /// Set when this worker took its share of a queue and left the rest.
     grace: Option<Grace>,
     starved_until: Option<Instant>,
+    /// The busy spell (`Table::spell`) this worker last saw, and its count
+    /// when it first saw it: `lag` grows with what it accepted since.
+    spell: u64,
+    spell_start: u64,
 }
 
 /// A worker that took its share of a queue leaves the rest to the others
@@ -75,6 +79,7 @@ impl Acceptor {
         epoll.add(timer.as_fd(), EpollEvent::new(edge, TIMER)).syscall("epoll_ctl")?;
         // Join level with the least-served: from here on we count.
         table.attach(slot);
+        let (spell, spell_start) = (table.spell(), table.accepted(slot));
         Ok(Acceptor {
             socket: Some(socket),
             table,
@@ -86,6 +91,8 @@ impl Acceptor {
             waiting_since: None,
             grace: None,
             starved_until: None,
+            spell,
+            spell_start,
         })
     }
 
@@ -106,13 +113,19 @@ impl Acceptor {
         }
         self.starved_until = None;
         let clock = monotonic_ns();
-        if self.table.quiet(clock, QUIET.as_nanos() as u64)
-            && self.pending().is_some_and(|queue| queue <= 1)
-            && self.table.level() > 0
-            && self.table.waiters() > 0
-        {
-            // The turn may now be a waiting worker's.
-            self.signal();
+        // Nobody accepted for a while: what arrives now, one connection or a
+        // queue of them, starts a new spell.
+        if self.table.quiet(clock, QUIET.as_nanos() as u64) {
+            let moved = self.table.begin_spell();
+            if moved > 0 && self.table.waiters() > 0 {
+                // The turn may now be a waiting worker's.
+                self.signal();
+            }
+        }
+        let spell = self.table.spell();
+        if spell != self.spell {
+            self.spell = spell;
+            self.spell_start = self.table.accepted(self.slot);
         }
         let mut taken = 0;
         loop {
@@ -275,13 +288,14 @@ impl Acceptor {
     }
 
     /// How far ahead of the least-served this worker may run while
-    /// connections queue: the configured lag, or 1% of what it accepted so
-    /// far if that is more. A burst into fresh workers (a keep-alive pool
-    /// opening) is split nearly evenly; under sustained load a worker that is
-    /// briefly slower does not make the others wait, and the shares still
+    /// connections queue: the configured lag, or 1% of what it accepted in
+    /// this busy spell if that is more. A burst after a quiet spell (a
+    /// keep-alive pool opening, on a fresh server or one that has served
+    /// millions) is split nearly evenly; under sustained load a worker that
+    /// is briefly slower does not make the others wait, and the shares still
     /// stay within 1%.
     fn lag(&self) -> u64 {
-        self.lag.max(self.table.accepted(self.slot) / 100)
+        self.lag.max(self.table.accepted(self.slot).saturating_sub(self.spell_start) / 100)
     }
 
     fn accept_one(&self) -> nix::Result<OwnedFd> {
@@ -332,11 +346,13 @@ mod tests {
 
     use nix::sys::eventfd::{EfdFlags, EventFd};
 
-    use super::{queue_length, Acceptor};
+    use super::{monotonic_ns, queue_length, Acceptor};
     use crate::ledger::shared::SharedTable;
+    use crate::ledger::QUIET;
 
     /// Two workers' acceptors on one listener, both having accepted 100,000
-    /// connections, so that either may run 1,000 ahead of the other.
+    /// connections in this busy spell, the last just now, so that either
+    /// may run 1,000 ahead of the other.
     fn two_busy_workers() -> (TcpListener, SharedTable, Acceptor, Acceptor) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -348,7 +364,24 @@ mod tests {
         let b = Acceptor::new(socket(), dup(&memfd), dup(&progress), 1, 8).unwrap();
         table.record(0, 100_000);
         table.record(1, 100_000);
+        table.note_accept(monotonic_ns());
         (listener, table, a, b)
+    }
+
+    /// Makes it look as if nobody had accepted for the quiet time.
+    fn quiet(table: &SharedTable) {
+        table.note_accept(monotonic_ns() - QUIET.as_nanos() as u64);
+    }
+
+    /// Lets two workers take turns at a queue until it is empty; returns
+    /// how many each took.
+    fn drain(listener: &TcpListener, a: &mut Acceptor, b: &mut Acceptor) -> (usize, usize) {
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        while queue_length(listener.as_raw_fd()).unwrap() > 0 {
+            a.run(&mut got_a);
+            b.run(&mut got_b);
+        }
+        (got_a.len(), got_b.len())
     }
 
     /// Opens `n` connections and waits until all of them are in the
@@ -382,6 +415,7 @@ mod tests {
         let (listener, table, mut a, mut b) = two_busy_workers();
         // The last busy spell left the second worker 20 ahead (within its lag).
         table.record(1, 20);
+        quiet(&table);
         let mut order = String::new();
         let mut clients = Vec::new();
         for _ in 0..6 {
@@ -412,5 +446,34 @@ mod tests {
         a.run(&mut got);
         assert_eq!(got.len(), 10);
         assert_eq!(table.accepted(0), 100_010);
+    }
+
+    #[test]
+    fn after_a_quiet_spell_a_burst_is_shared_out_even_if_the_others_are_slow_to_come() {
+        let (listener, table, mut a, mut b) = two_busy_workers();
+        quiet(&table);
+        let _clients = connect(&listener, 30);
+        let mut got_a = Vec::new();
+        // The other worker does not come for its share. In the new spell
+        // this one may run only the configured lag ahead, not 1% of all it
+        // ever accepted.
+        a.run(&mut got_a);
+        a.run(&mut got_a);
+        assert_eq!(got_a.len(), 8, "its turn, then up to 8 ahead of the other");
+        let (more_a, got_b) = drain(&listener, &mut b, &mut a);
+        assert_eq!((got_a.len() + got_b, more_a), (15, 15));
+    }
+
+    #[test]
+    fn a_burst_after_a_quiet_spell_does_not_make_up_the_last_spell() {
+        let (listener, table, mut a, mut b) = two_busy_workers();
+        // The last busy spell left the first worker 40 ahead (within its lag).
+        table.record(0, 40);
+        quiet(&table);
+        let _clients = connect(&listener, 30);
+        // Levelled to one behind, the second worker takes one more of the
+        // burst, and they end level; not the second 35 and the first none.
+        assert_eq!(drain(&listener, &mut a, &mut b), (14, 16));
+        assert_eq!((table.accepted(0), table.accepted(1)), (100_054, 100_055));
     }
 }

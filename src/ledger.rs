@@ -17,9 +17,11 @@
 //!
 //! Shares are kept within a busy spell, not across quiet ones: once nobody
 //! has accepted for a while, whoever fell behind is brought within one of the
-//! most-served. Otherwise the next connections after a spell of load (a
-//! keep-alive pool, WebSockets) would all go to the worker that took fewer
-//! of the last spell's short-lived ones.
+//! most-served, and a new spell begins. Otherwise the next connections after
+//! a spell of load (a keep-alive pool, WebSockets) would all go to the worker
+//! that took fewer of the last spell's short-lived ones. The lag a worker may
+//! run ahead by under load grows with what it accepted in the current spell
+//! (see `acceptor`), so it starts small again too.
 //!
 //! Slots are written by their owner (the count) and by the primary (attach,
 //! detach); anyone may excuse or level. Counts are approximate under races
@@ -38,7 +40,7 @@ pub const QUIET: Duration = Duration::from_millis(10);
 
 /// Slots per listener: the most workers that can share one listener's ledger.
 /// The table fills one page.
-pub const SLOTS: usize = 255;
+pub const SLOTS: usize = 254;
 
 const FREE: u32 = 0;
 const ACTIVE: u32 = 1;
@@ -61,6 +63,10 @@ pub struct Table {
     /// When a worker last accepted on the listener (nanoseconds on a clock
     /// all its workers share; 0 before the first).
     last_accept: AtomicU64,
+    /// Busy spells begun on the listener: a worker that sees this change
+    /// measures what it accepts in the spell from there.
+    spells: AtomicU64,
+    _reserved: u64,
     slots: [Slot; SLOTS],
 }
 
@@ -75,6 +81,8 @@ impl Table {
             waiters: AtomicU32::new(0),
             high: AtomicU32::new(0),
             last_accept: AtomicU64::new(0),
+            spells: AtomicU64::new(0),
+            _reserved: 0,
             slots: std::array::from_fn(|_| Slot { accepted: AtomicU64::new(0), state: AtomicU32::new(FREE), _pad: 0 }),
         })
     }
@@ -189,6 +197,20 @@ impl Table {
         let Some(top) = self.active().map(|s| s.accepted.load(SeqCst)).max() else { return 0 };
         let floor = top.saturating_sub(1);
         self.active().filter(|s| s.accepted.fetch_max(floor, SeqCst) < floor).count()
+    }
+
+    /// Starts a new busy spell: shares start level (see `level`, whose
+    /// count this returns), and the spell number moves on. Several workers
+    /// may start the same spell at once; each start only evens things out.
+    pub fn begin_spell(&self) -> usize {
+        let moved = self.level();
+        self.spells.fetch_add(1, SeqCst);
+        moved
+    }
+
+    /// The number of the current busy spell.
+    pub fn spell(&self) -> u64 {
+        self.spells.load(SeqCst)
     }
 
     /// Excuses the active workers that keep `slot` from accepting (under the
@@ -410,7 +432,9 @@ mod tests {
         t.note_accept(5_000);
         assert!(!t.quiet(5_999, 1_000));
         assert!(t.quiet(6_000, 1_000));
-        assert_eq!(t.level(), 1, "only the one more than one behind moves");
+        let spell = t.spell();
+        assert_eq!(t.begin_spell(), 1, "only the one more than one behind moves");
+        assert_eq!(t.spell(), spell + 1);
         assert_eq!((t.accepted(0), t.accepted(1), t.accepted(2)), (100, 99, 99));
         assert_eq!(turns(&t, 3, 6), vec![1, 2, 0, 1, 2, 0]);
     }
