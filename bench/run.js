@@ -24,7 +24,9 @@
 //   --warmup S          wrk warm-up before each measurement (0 = none)
 //   --scenarios a,b     close (Connection: close, one TCP connection per
 //                       request), keepalive, cpu (~1 ms CPU per request,
-//                       keep-alive)
+//                       keep-alive), pool (which workers a pool of
+//                       --connections keep-alive connections lands on when it
+//                       opens after, and during, --duration s of close load)
 //   --workers 2,4       worker counts ("auto" = 2 and os.availableParallelism())
 //   --connections N     wrk -c (default 50)       --threads N  wrk -t (default 1)
 //   --cpu-ms MS         CPU burned per request in the cpu scenario (default 1)
@@ -51,7 +53,9 @@ const ROOT = path.resolve(__dirname, '..');
 const RS_PATH = process.env.BENCH_RS_PATH ? path.resolve(process.env.BENCH_RS_PATH) : ROOT;
 const SERVER = path.join(__dirname, 'server.js');
 const ALL_IMPLS = ['node-rr', 'node-none', 'rs-rr', 'rs-dispatch', 'rs-none', 'rs-reuseport', 'single'];
-const ALL_SCENARIOS = ['close', 'keepalive', 'cpu'];
+const ALL_SCENARIOS = ['close', 'keepalive', 'cpu', 'pool'];
+// Scenarios whose figures are requests/s (all but pool).
+const isLoad = (scenario) => scenario !== 'pool';
 const IMPL_DEF = {
   'node-rr': { impl: 'node', policy: 'rr' },
   'node-none': { impl: 'node', policy: 'none' },
@@ -420,6 +424,48 @@ function runWrk(port, scenario, seconds, cfg) {
   });
 }
 
+// Opens `n` connections at once, as a client's keep-alive pool does, and asks
+// on each which process serves it. Resolves to the count per process, most
+// first, once every connection has answered; the connections are closed then.
+function openPool(port, n) {
+  const sockets = [];
+  const answers = Array.from({ length: n }, () => new Promise((resolve, reject) => {
+    const socket = net.connect(port, HOST, () => socket.write('GET /pid HTTP/1.1\r\nHost: bench\r\n\r\n'));
+    sockets.push(socket);
+    let reply = '';
+    socket.setEncoding('latin1');
+    socket.on('data', (d) => {
+      reply += d;
+      const m = /^HTTP\/1\.1 200[^]*?\r\n\r\n(\d+)$/.exec(reply);
+      if (m) resolve(m[1]);
+    });
+    socket.on('error', reject);
+    socket.on('close', () => reject(new Error(`a pool connection closed before its answer (${JSON.stringify(reply)})`)));
+  }));
+  const counts = Promise.all(answers).then((pids) => {
+    const per = new Map();
+    for (const pid of pids) per.set(pid, (per.get(pid) || 0) + 1);
+    return [...per.values()].sort((a, b) => b - a);
+  });
+  const done = () => { for (const socket of sockets) socket.destroy(); };
+  counts.then(done, done);
+  return withTimeout(counts, 10000, `a pool of ${n} connections was not served within 10 s`);
+}
+
+// The pool scenario: a keep-alive pool opening 100 ms after a spell of
+// `Connection: close` load, and one opening halfway through another.
+async function poolSplits(port, workers, cfg) {
+  await runWrk(port, 'close', cfg.duration, cfg);
+  await sleep(100);
+  const after = await openPool(port, cfg.connections);
+  const load = runWrk(port, 'close', cfg.duration, cfg);
+  await sleep(cfg.duration * 500);
+  const during = await openPool(port, cfg.connections);
+  await load;
+  const pad = (split) => split.concat(Array(Math.max(0, workers - split.length)).fill(0));
+  return { poolAfter: pad(after), poolDuring: pad(during) };
+}
+
 // ------------------------------------------------------------------ one measurement
 async function measure(implName, scenario, workers, cfg) {
   const def = IMPL_DEF[implName];
@@ -444,6 +490,12 @@ async function measure(implName, scenario, workers, cfg) {
   let stage = 'start';
   try {
     const ready = await srv.ready(START_TIMEOUT_MS);
+    if (scenario === 'pool') {
+      stage = 'pools';
+      const splits = await poolSplits(port, workers, cfg);
+      if (srv.exited) throw new Error('server exited during the measurement');
+      return { impl: implName, scenario, workers, port, ...splits, startupMs: ready.startupMs, restartMs: null };
+    }
     stage = 'warm-up';
     if (cfg.warmup > 0) {
       await runWrk(port, scenario, cfg.warmup, cfg);
@@ -506,7 +558,7 @@ async function measure(implName, scenario, workers, cfg) {
 function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
   const baseline = baseImpl ?? (impls.includes('node-rr') ? 'node-rr' : impls[0]);
   const rows = [];
-  for (const scenario of scenarios) {
+  for (const scenario of scenarios.filter(isLoad)) {
     for (const wc of workerCounts) {
       const group = [];
       for (const impl of impls) {
@@ -555,7 +607,7 @@ function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
   for (const impl of impls) {
     if (IMPL_DEF[impl].impl === 'single') continue;
     for (const wc of workerCounts) {
-      const rs = runs.filter((r) => r.impl === impl && r.wc === wc);
+      const rs = runs.filter((r) => r.impl === impl && r.wc === wc && isLoad(r.scenario));
       if (!rs.length) continue;
       timings.push({
         impl, workers: wc, n: rs.length,
@@ -566,7 +618,22 @@ function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
       });
     }
   }
-  return { baseline, rows, timings };
+  const pools = [];
+  for (const impl of impls) {
+    for (const wc of workerCounts) {
+      const rs = runs.filter((r) => r.impl === impl && r.wc === wc && r.scenario === 'pool');
+      if (!rs.length) continue;
+      const largest = (split) => split[0] / split.reduce((a, b) => a + b, 0);
+      pools.push({
+        impl, workers: wc, n: rs.length,
+        after: rs.map((r) => r.poolAfter),
+        during: rs.map((r) => r.poolDuring),
+        largestAfter: median(rs.map((r) => largest(r.poolAfter))),
+        largestDuring: median(rs.map((r) => largest(r.poolDuring))),
+      });
+    }
+  }
+  return { baseline, rows, timings, pools };
 }
 
 // ------------------------------------------------------------------ output
@@ -595,6 +662,16 @@ const TCOLS = [
   ['fork → all listening', (t) => fmt.msv(t.startupMs), 'r'],
   ['SIGKILL → replacement listening', (t) => fmt.msv(t.restartMs), 'r'],
   ['samples', (t) => String(t.n), 'r'],
+];
+const pct = (x) => (x == null ? '—' : (x * 100).toFixed(0) + '%');
+const splits = (list) => list.map((split) => split.join('/')).join(' ');
+const PCOLS = [
+  ['impl', (p) => p.impl],
+  ['workers', (p) => String(p.workers)],
+  ['after load', (p) => splits(p.after)],
+  ['busiest', (p) => pct(p.largestAfter), 'r'],
+  ['during load', (p) => splits(p.during)],
+  ['busiest', (p) => pct(p.largestDuring), 'r'],
 ];
 
 function textTable(cols, rows) {
@@ -681,8 +758,9 @@ function markdown(agg, meta, notes) {
   if (meta.scenarios.includes('cpu')) m.push(`- cpu scenario: pbkdf2Sync sha256 × ${meta.cpuIter} iterations per request (≈ ${meta.cpuMs} ms on this machine)`);
   m.push(`- "vs base" = req/s ÷ ${agg.baseline} req/s in the same scenario and worker count`);
   m.push('', '![req/s relative to baseline](latest.svg)', '');
-  m.push(mdTable(COLS, agg.rows), '');
+  if (agg.rows.length) m.push(mdTable(COLS, agg.rows), '');
   if (agg.timings.length) m.push('## Worker start-up and replacement', '', mdTable(TCOLS, agg.timings), '');
+  if (agg.pools.length) m.push('## Keep-alive pools opening after and during load', '', mdTable(PCOLS, agg.pools), '');
   m.push('## Notes', '');
   for (const n of notes) m.push(`- ${n}`);
   return m.join('\n') + '\n';
@@ -697,6 +775,7 @@ const NOTES = [
   'prim CPU = user+system CPU of the primary process (all its threads) during the measured load (process.cpuUsage() in the primary); per 10k conn only shown when ≥ 1000 connections were made (not meaningful for keep-alive). For `single` the "primary" is the only process and does all the work.',
   'workers CPU = user+system CPU of all workers together (process.cpuUsage() in each, since the reset before the load), per 10k connections; with the primary\'s, it says where a policy spends the machine.',
   'prim RSS = VmRSS of the primary right after the load.',
+  'pool: connections per worker of a pool of `--connections` keep-alive connections opened at once by the harness, 100 ms after `--duration` s of close load ("after load") and halfway through another ("during load"), one entry per round; busiest = the median over rounds of the busiest worker\'s part of the pool (ideal: 1 ÷ workers).',
   'fork → all listening: from just before the first fork() until N cluster `listening` events. SIGKILL → replacement listening: the primary kills one worker with SIGKILL and, like ordinary node:cluster code, forks a replacement on `exit`; time until that replacement is listening.',
 ];
 
@@ -776,14 +855,16 @@ async function main() {
   const schedule = [];
   for (let r = 0; r < cfg.rounds; r++) {
     combos.forEach((c, ci) => {
-      // `single` does not depend on the worker count: run it once per scenario.
-      const list = impls.filter((i) => IMPL_DEF[i].impl !== 'single' || c.wc === workerCounts[0]);
+      // `single` does not depend on the worker count: run it once per
+      // scenario, and not at all for pools (it has no workers to share them).
+      const list = impls.filter((i) => IMPL_DEF[i].impl !== 'single' || (c.wc === workerCounts[0] && isLoad(c.scenario)));
+      if (!list.length) return;
       const k = (r + ci) % list.length;
       const order = list.slice(k).concat(list.slice(0, k));
       for (const impl of order) schedule.push({ round: r + 1, scenario: c.scenario, wc: c.wc, impl });
     });
   }
-  const estS = schedule.length * (cfg.duration + cfg.warmup + 0.7);
+  const estS = schedule.reduce((a, it) => a + (isLoad(it.scenario) ? cfg.duration + cfg.warmup : 2 * cfg.duration) + 0.7, 0);
   console.log(`bench: ${schedule.length} measurements, roughly ${Math.ceil(estS)} s\n`);
 
   const runs = [];
@@ -803,6 +884,11 @@ async function main() {
     res.round = it.round;
     res.wc = it.wc;
     runs.push(res);
+    if (!isLoad(it.scenario)) {
+      process.stdout.write(`pool after load ${res.poolAfter.join('/')}  during load ${res.poolDuring.join('/')}` +
+        `  start ${res.startupMs.toFixed(0)}ms\n`);
+      continue;
+    }
     const warn = [];
     if (it.scenario === 'close' && res.connections < 0.9 * res.serverRequests) warn.push(`only ${res.connections} connections for ${res.serverRequests} requests: Connection: close not in effect?`);
     if (it.scenario !== 'close' && res.connections > 20 * cfg.connections) warn.push(`${res.connections} connections for a keep-alive run`);
@@ -834,16 +920,22 @@ async function main() {
     elapsedS,
   };
 
-  console.log('\nResults (medians over rounds; "vs base" = req/s relative to ' + agg.baseline + '):\n');
-  console.log(textTable(COLS, agg.rows));
+  if (agg.rows.length) {
+    console.log('\nResults (medians over rounds; "vs base" = req/s relative to ' + agg.baseline + '):\n');
+    console.log(textTable(COLS, agg.rows));
+  }
   if (agg.timings.length) {
     console.log('\nWorker start-up and replacement (medians):\n');
     console.log(textTable(TCOLS, agg.timings));
   }
+  if (agg.pools.length) {
+    console.log('\nKeep-alive pools opening after and during load (connections per worker, one entry per round):\n');
+    console.log(textTable(PCOLS, agg.pools));
+  }
 
   fs.mkdirSync(cfg.out, { recursive: true });
   const jsonRuns = runs.map((r) => Object.assign({}, r));
-  fs.writeFileSync(path.join(cfg.out, 'latest.json'), JSON.stringify({ meta, notes, baseline: agg.baseline, rows: agg.rows, timings: agg.timings, runs: jsonRuns }, null, 2) + '\n');
+  fs.writeFileSync(path.join(cfg.out, 'latest.json'), JSON.stringify({ meta, notes, baseline: agg.baseline, rows: agg.rows, timings: agg.timings, pools: agg.pools, runs: jsonRuns }, null, 2) + '\n');
   fs.writeFileSync(path.join(cfg.out, 'latest.md'), markdown(agg, meta, notes));
   fs.writeFileSync(path.join(cfg.out, 'latest.svg'), svgChart(agg, impls, meta));
   const rel = (p) => path.relative(process.cwd(), p) || p;

@@ -44,6 +44,8 @@ function reply(obj) {
 function startHttpServer(onListening) {
   const stats = { connections: 0, requests: 0 };
   const server = http.createServer((req, res) => {
+    // The pool scenario asks which process serves each of its connections.
+    if (req.url === '/pid') { res.end(String(process.pid)); return; }
     stats.requests++;
     if (CPU_ITER > 0) crypto.pbkdf2Sync('hello', 'salt', CPU_ITER, 32, 'sha256');
     res.writeHead(200, { 'Content-Type': 'text/plain', 'Content-Length': BODY.length });
