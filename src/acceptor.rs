@@ -136,6 +136,7 @@ impl Acceptor {
                 match self.pending() {
                     // Nothing to wait for: the next arrival wakes us.
                     Some(0) => {
+                        self.table.note_empty();
                         self.stop_waiting();
                         self.grace = None;
                         return;
@@ -222,7 +223,7 @@ impl Acceptor {
             }
             if got > 0 {
                 self.table.record(self.slot, got);
-                self.table.note_accept(clock);
+                self.table.note_accept(clock, !empty);
                 if self.table.waiters() > 0 {
                     self.signal();
                 }
@@ -364,13 +365,19 @@ mod tests {
         let b = Acceptor::new(socket(), dup(&memfd), dup(&progress), 1, 8).unwrap();
         table.record(0, 100_000);
         table.record(1, 100_000);
-        table.note_accept(monotonic_ns());
+        table.note_accept(monotonic_ns(), false);
         (listener, table, a, b)
+    }
+
+    /// Makes it look as if the last accept, which left `waiting`
+    /// connections or none, was the quiet time ago.
+    fn last_accept_long_ago(table: &SharedTable, waiting: bool) {
+        table.note_accept(monotonic_ns() - QUIET.as_nanos() as u64, waiting);
     }
 
     /// Makes it look as if nobody had accepted for the quiet time.
     fn quiet(table: &SharedTable) {
-        table.note_accept(monotonic_ns() - QUIET.as_nanos() as u64);
+        last_accept_long_ago(table, false);
     }
 
     /// Lets two workers take turns at a queue until it is empty; returns
@@ -475,5 +482,22 @@ mod tests {
         // burst, and they end level; not the second 35 and the first none.
         assert_eq!(drain(&listener, &mut a, &mut b), (14, 16));
         assert_eq!((table.accepted(0), table.accepted(1)), (100_054, 100_055));
+    }
+
+    #[test]
+    fn waiting_for_a_busy_worker_is_not_a_quiet_spell() {
+        let (listener, table, mut a, _b) = two_busy_workers();
+        quiet(&table);
+        let _clients = connect(&listener, 30);
+        let mut got = Vec::new();
+        a.run(&mut got);
+        assert_eq!(got.len(), 8, "its turn, then up to 8 ahead of the other");
+        // The other worker is busy for longer than the quiet time. The
+        // queue it left is not a new spell: it keeps its count, and this
+        // worker goes on waiting for it.
+        last_accept_long_ago(&table, true);
+        a.run(&mut got);
+        assert_eq!(got.len(), 8);
+        assert_eq!(table.accepted(1), 100_000);
     }
 }

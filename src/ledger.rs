@@ -66,7 +66,10 @@ pub struct Table {
     /// Busy spells begun on the listener: a worker that sees this change
     /// measures what it accepts in the spell from there.
     spells: AtomicU64,
-    _reserved: u64,
+    /// 1 when the last worker to accept left connections waiting in the
+    /// queue, until a worker finds it empty.
+    backlog: AtomicU32,
+    _pad: u32,
     slots: [Slot; SLOTS],
 }
 
@@ -82,7 +85,8 @@ impl Table {
             high: AtomicU32::new(0),
             last_accept: AtomicU64::new(0),
             spells: AtomicU64::new(0),
-            _reserved: 0,
+            backlog: AtomicU32::new(0),
+            _pad: 0,
             slots: std::array::from_fn(|_| Slot { accepted: AtomicU64::new(0), state: AtomicU32::new(FREE), _pad: 0 }),
         })
     }
@@ -179,14 +183,26 @@ impl Table {
         self.slots[slot].accepted.fetch_add(n, SeqCst);
     }
 
-    /// Notes that a worker accepted at `now`.
-    pub fn note_accept(&self, now: u64) {
+    /// Notes that a worker accepted at `now`, and whether it left
+    /// connections waiting.
+    pub fn note_accept(&self, now: u64, left_waiting: bool) {
         self.last_accept.store(now, SeqCst);
+        self.backlog.store(u32::from(left_waiting), SeqCst);
     }
 
-    /// Whether nobody has accepted within `quiet` before `now`.
+    /// Notes that a worker found the queue empty.
+    pub fn note_empty(&self) {
+        if self.backlog.load(SeqCst) != 0 {
+            self.backlog.store(0, SeqCst);
+        }
+    }
+
+    /// Whether the listener has been quiet: nobody accepted within `quiet`
+    /// before `now`, and the last to accept left nothing waiting.
+    /// Connections that wait because every worker is busy or held back are
+    /// a stall, which the excuse deals with, not the start of a new spell.
     pub fn quiet(&self, now: u64, quiet: u64) -> bool {
-        now.saturating_sub(self.last_accept.load(SeqCst)) >= quiet
+        self.backlog.load(SeqCst) == 0 && now.saturating_sub(self.last_accept.load(SeqCst)) >= quiet
     }
 
     /// Brings every active worker that is more than one behind the
@@ -429,7 +445,7 @@ mod tests {
         t.record(0, 100);
         t.record(1, 20);
         t.record(2, 99);
-        t.note_accept(5_000);
+        t.note_accept(5_000, false);
         assert!(!t.quiet(5_999, 1_000));
         assert!(t.quiet(6_000, 1_000));
         let spell = t.spell();
@@ -437,6 +453,15 @@ mod tests {
         assert_eq!(t.spell(), spell + 1);
         assert_eq!((t.accepted(0), t.accepted(1), t.accepted(2)), (100, 99, 99));
         assert_eq!(turns(&t, 3, 6), vec![1, 2, 0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn connections_left_waiting_are_a_stall_not_a_quiet_spell() {
+        let t = table(2);
+        t.note_accept(5_000, true);
+        assert!(!t.quiet(1_000_000, 1_000), "nobody accepted, but connections wait");
+        t.note_empty();
+        assert!(t.quiet(1_000_000, 1_000));
     }
 
     #[test]
