@@ -16,11 +16,12 @@
 //! stall is never paid back by stalling everyone else.
 //!
 //! Shares are kept within a busy spell, not across quiet ones: once nobody
-//! has accepted for a while, whoever fell behind is brought within one of the
-//! most-served, and a new spell begins. Otherwise the next connections after
-//! a spell of load (a keep-alive pool, WebSockets) would all go to the worker
-//! that took fewer of the last spell's short-lived ones. The lag a worker may
-//! run ahead by under load grows with what it accepted in the current spell
+//! has accepted for a while (and not because connections wait for busy
+//! workers), whoever fell behind is brought within one of the most-served,
+//! and a new spell begins. Otherwise the next connections after a spell of
+//! load (a keep-alive pool, WebSockets) would all go to the worker that took
+//! fewer of the last spell's short-lived ones. The lag a worker may run
+//! ahead by under load grows with what it accepted in the current spell
 //! (see `acceptor`), so it starts small again too.
 //!
 //! Slots are written by their owner (the count) and by the primary (attach,
