@@ -113,8 +113,8 @@ impl Acceptor {
         }
         self.starved_until = None;
         let clock = monotonic_ns();
-        // Nobody accepted for a while: what arrives now, one connection or a
-        // queue of them, starts a new spell.
+        // The listener was quiet (see `Table::quiet`): what arrives now, one
+        // connection or a queue of them, starts a new spell.
         if self.table.quiet(clock, QUIET.as_nanos() as u64) {
             let moved = self.table.begin_spell();
             if moved > 0 && self.table.waiters() > 0 {
@@ -227,6 +227,8 @@ impl Acceptor {
                 if self.table.waiters() > 0 {
                     self.signal();
                 }
+            } else if empty {
+                self.table.note_empty();
             }
             taken += got as usize;
             if empty || self.starved_until.is_some() {
@@ -482,6 +484,23 @@ mod tests {
         // burst, and they end level; not the second 35 and the first none.
         assert_eq!(drain(&listener, &mut a, &mut b), (14, 16));
         assert_eq!((table.accepted(0), table.accepted(1)), (100_054, 100_055));
+    }
+
+    #[test]
+    fn a_lone_worker_that_empties_the_queue_leaves_no_backlog() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (table, memfd) = SharedTable::create().unwrap();
+        let progress: OwnedFd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap().into();
+        let socket = OwnedFd::from(listener.try_clone().unwrap());
+        let mut a = Acceptor::new(socket, memfd, progress, 0, 8).unwrap();
+        let _clients = connect(&listener, 1);
+        let mut got = Vec::new();
+        // Always its turn: it accepts one, then finds the queue empty.
+        a.run(&mut got);
+        assert_eq!(got.len(), 1);
+        let quiet = QUIET.as_nanos() as u64;
+        assert!(table.quiet(monotonic_ns() + quiet, quiet), "a quiet time later, the listener is quiet");
     }
 
     #[test]
