@@ -210,7 +210,7 @@ impl Table {
     /// most-served to one behind: what the last busy spell left uneven is
     /// not made up with the next connections, and the order of turns is
     /// kept. Returns how many moved.
-    pub fn level(&self) -> usize {
+    fn level(&self) -> usize {
         let Some(top) = self.active().map(|s| s.accepted.load(SeqCst)).max() else { return 0 };
         let floor = top.saturating_sub(1);
         self.active().filter(|s| s.accepted.fetch_max(floor, SeqCst) < floor).count()
