@@ -180,6 +180,11 @@ pub fn close_listener(id: u32) {
 
 /// A new worker channel: `[channelId, workerFd]`, or `[-errno]` on failure.
 /// `workerFd` stays open until `releaseSpawnEnd(channelId)`.
+///
+/// This and the other channel calls only queue their change: the dispatcher
+/// thread takes it when next woken, by `wakeDispatcher()` or by any call that
+/// sends it a command of its own. The primary wakes it once per tick, after
+/// the tick's forks: woken just before a fork, the thread made it slower.
 #[napi]
 pub fn open_channel() -> Vec<i32> {
     let run = || -> SysResult<Vec<i32>> {
@@ -188,10 +193,18 @@ pub fn open_channel() -> Vec<i32> {
         let id = d.next_id();
         let raw = worker_end.as_raw_fd();
         SPAWN_ENDS.lock().unwrap().push((id, worker_end));
-        d.send(Command::AddChannel { id, fd: primary_end });
+        d.enqueue(Command::AddChannel { id, fd: primary_end });
         Ok(vec![id as i32, raw])
     };
     run().unwrap_or_else(|e| vec![-(e.errno as i32)])
+}
+
+/// Lets the dispatcher thread take the channel changes queued for it.
+#[napi]
+pub fn wake_dispatcher() {
+    if let Some(d) = DISPATCHER.get() {
+        d.wake_up();
+    }
 }
 
 /// Closes the primary's copy of a worker's channel end once it is spawned.
@@ -200,18 +213,20 @@ pub fn release_spawn_end(channel: u32) {
     SPAWN_ENDS.lock().unwrap().retain(|(id, _)| *id != channel);
 }
 
+/// The worker is disconnecting: it is sent nothing more (queued, as above).
 #[napi]
 pub fn retire_channel(channel: u32) {
     if let Some(d) = DISPATCHER.get() {
-        d.send(Command::RetireChannel { id: channel });
+        d.enqueue(Command::RetireChannel { id: channel });
     }
 }
 
+/// The worker is gone (queued, as above).
 #[napi]
 pub fn remove_channel(channel: u32) {
     release_spawn_end(channel);
     if let Some(d) = DISPATCHER.get() {
-        d.send(Command::RemoveChannel { id: channel });
+        d.enqueue(Command::RemoveChannel { id: channel });
     }
 }
 

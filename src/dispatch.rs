@@ -141,11 +141,17 @@ impl Dispatcher {
     }
 
     pub fn send(&self, command: Command) {
-        if let Some(tx) = &self.commands {
-            if tx.send(command).is_ok() {
-                self.wake_up();
-            }
+        if self.enqueue(command) {
+            self.wake_up();
         }
+    }
+
+    /// Queues `command` without waking the thread: it runs, after what was
+    /// queued before it, by the next wake-up (`wake_up`, or any `send`), or
+    /// sooner if the thread is taking commands just then. False when the
+    /// thread is gone.
+    pub fn enqueue(&self, command: Command) -> bool {
+        self.commands.as_ref().is_some_and(|tx| tx.send(command).is_ok())
     }
 
     /// Adds a listener; true when its workers will accept themselves (the
@@ -176,7 +182,7 @@ impl Dispatcher {
         answer.recv().unwrap_or_default()
     }
 
-    fn wake_up(&self) {
+    pub fn wake_up(&self) {
         // A full wake-up socket already means "wake up": EAGAIN is fine.
         let _ = nix::unistd::write(self.wake.as_fd(), &[1]);
     }
@@ -895,17 +901,24 @@ mod tests {
 
     /// Attaches a worker and waits until the dispatcher has read its Ready.
     fn worker(d: &Dispatcher, listener: u32) -> Worker {
+        let (worker, id) = new_worker(d, listener, |add| d.send(add));
+        wait_for(|| d.stats().iter().any(|s| s.id == id && s.attached == 1));
+        worker
+    }
+
+    /// A worker whose channel `add` gives to `d`, and which has sent Ready
+    /// for `listener`; also its channel id.
+    fn new_worker(d: &Dispatcher, listener: u32, add: impl FnOnce(Command)) -> (Worker, u32) {
         let (primary_end, worker_end) = sys::stream_pair().unwrap();
         let end = worker_end.as_raw_fd();
         let id = d.next_id();
-        d.send(Command::AddChannel { id, fd: primary_end });
+        add(Command::AddChannel { id, fd: primary_end });
         let channel = Arc::new(WorkerChannel::new(worker_end).unwrap());
         let (tx, batches) = mpsc::channel();
         let receiving = channel.clone();
         std::thread::spawn(move || receiving.receive(|b| tx.send(b).is_ok()));
         channel.ready(listener).unwrap();
-        wait_for(|| d.stats().iter().any(|s| s.id == id && s.attached == 1));
-        Worker { channel, batches, queue: RefCell::default(), end }
+        (Worker { channel, batches, queue: RefCell::default(), end }, id)
     }
 
     fn wait_for(mut done: impl FnMut() -> bool) {
@@ -927,6 +940,19 @@ mod tests {
         let mut buf = [0u8; 4];
         server.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ping");
+    }
+
+    #[test]
+    fn a_queued_channel_joins_when_the_thread_is_next_woken() {
+        let (d, l, port) = setup(4);
+        // A round trip: the thread has taken what setup queued.
+        d.stats();
+        let (w, _) = new_worker(&d, l, |add| assert!(d.enqueue(add)));
+        let mut client = connect(port);
+        // Other wake-ups (the connection) leave queued commands where they are.
+        d.wake_up();
+        let mut server = w.accept();
+        assert_connected(&mut client, &mut server);
     }
 
     #[test]
