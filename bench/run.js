@@ -96,6 +96,7 @@ const fmt = {
   int: (x) => (x == null ? '—' : Math.round(x).toLocaleString('en-US')),
   ms: (us) => (us == null ? '—' : (us / 1000).toFixed(us < 10000 ? 2 : us < 100000 ? 1 : 0) + ' ms'),
   msv: (ms) => (ms == null ? '—' : ms.toFixed(ms < 100 ? 1 : 0) + ' ms'),
+  msDiff: (ms) => (ms == null ? '—' : (ms < 0 ? '−' : '+') + Math.abs(ms).toFixed(1) + ' ms'),
   ratio: (r) => (r == null ? '—' : r.toFixed(2) + '×'),
   f: (x, d = 2) => (x == null ? '—' : x.toFixed(d)),
   mb: (kb) => (kb == null ? '—' : (kb / 1024).toFixed(1) + ' MB'),
@@ -609,12 +610,26 @@ function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
     for (const wc of workerCounts) {
       const rs = runs.filter((r) => r.impl === impl && r.wc === wc && isLoad(r.scenario));
       if (!rs.length) continue;
+      // Start-up times vary by several ms from one measurement to the next
+      // here: also the median difference from the base measured in the same
+      // round and scenario.
+      const paired = (key) => {
+        if (impl === baseline) return null;
+        const diffs = [];
+        for (const r of rs) {
+          const b = runs.find((x) => x.impl === baseline && x.wc === wc && x.round === r.round && x.scenario === r.scenario);
+          if (b && b[key] != null && r[key] != null) diffs.push(r[key] - b[key]);
+        }
+        return diffs.length > 1 ? median(diffs) : null;
+      };
       timings.push({
         impl, workers: wc, n: rs.length,
         startupMs: median(rs.map((r) => r.startupMs)),
         restartMs: median(rs.map((r) => r.restartMs)),
         startupMsMin: Math.min(...rs.map((r) => r.startupMs)),
         restartMsMin: Math.min(...rs.map((r) => r.restartMs ?? Infinity)),
+        startupPairedMs: paired('startupMs'),
+        restartPairedMs: paired('restartMs'),
       });
     }
   }
@@ -660,7 +675,9 @@ const TCOLS = [
   ['impl', (t) => t.impl],
   ['workers', (t) => String(t.workers)],
   ['fork → all listening', (t) => fmt.msv(t.startupMs), 'r'],
+  ['vs base (paired)', (t) => fmt.msDiff(t.startupPairedMs), 'r'],
   ['SIGKILL → replacement listening', (t) => fmt.msv(t.restartMs), 'r'],
+  ['vs base (paired)', (t) => fmt.msDiff(t.restartPairedMs), 'r'],
   ['samples', (t) => String(t.n), 'r'],
 ];
 const pct = (x) => (x == null ? '—' : (x * 100).toFixed(0) + '%');
