@@ -45,6 +45,7 @@ for (const policy of ['rr', 'none']) {
       const r = one(result, 'result');
       assert.equal(r.second, r.warm, JSON.stringify(r));
       assert.equal(r.third, r.warm, JSON.stringify(r));
+      assert.equal(r.fourth, r.warm, JSON.stringify(r));
     }
   });
 }
