@@ -353,18 +353,26 @@ mod tests {
     use crate::ledger::shared::SharedTable;
     use crate::ledger::QUIET;
 
-    /// Two workers' acceptors on one listener, both having accepted 100,000
-    /// connections in this busy spell, the last just now, so that either
-    /// may run 1,000 ahead of the other.
-    fn two_busy_workers() -> (TcpListener, SharedTable, Acceptor, Acceptor) {
+    /// `n` workers' acceptors (slots 0, 1, ...; lag 8) on one fresh listener.
+    fn workers(n: usize) -> (TcpListener, SharedTable, Vec<Acceptor>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let (table, memfd) = SharedTable::create().unwrap();
         let progress: OwnedFd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap().into();
         let socket = || OwnedFd::from(listener.try_clone().unwrap());
         let dup = |fd: &OwnedFd| fd.as_fd().try_clone_to_owned().unwrap();
-        let a = Acceptor::new(socket(), dup(&memfd), dup(&progress), 0, 8).unwrap();
-        let b = Acceptor::new(socket(), dup(&memfd), dup(&progress), 1, 8).unwrap();
+        let acceptors =
+            (0..n).map(|slot| Acceptor::new(socket(), dup(&memfd), dup(&progress), slot, 8).unwrap()).collect();
+        (listener, table, acceptors)
+    }
+
+    /// Two workers' acceptors on one listener, both having accepted 100,000
+    /// connections in this busy spell, the last just now, so that either
+    /// may run 1,000 ahead of the other.
+    fn two_busy_workers() -> (TcpListener, SharedTable, Acceptor, Acceptor) {
+        let (listener, table, mut acceptors) = workers(2);
+        let b = acceptors.pop().unwrap();
+        let a = acceptors.pop().unwrap();
         table.record(0, 100_000);
         table.record(1, 100_000);
         table.note_accept(monotonic_ns(), false);
@@ -488,12 +496,8 @@ mod tests {
 
     #[test]
     fn a_lone_worker_that_empties_the_queue_leaves_no_backlog() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let (table, memfd) = SharedTable::create().unwrap();
-        let progress: OwnedFd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap().into();
-        let socket = OwnedFd::from(listener.try_clone().unwrap());
-        let mut a = Acceptor::new(socket, memfd, progress, 0, 8).unwrap();
+        let (listener, table, mut acceptors) = workers(1);
+        let a = &mut acceptors[0];
         let _clients = connect(&listener, 1);
         let mut got = Vec::new();
         // Always its turn: it accepts one, then finds the queue empty.
