@@ -558,6 +558,11 @@ async function measure(implName, scenario, workers, cfg) {
 // ------------------------------------------------------------------ aggregation
 function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
   const baseline = baseImpl ?? (impls.includes('node-rr') ? 'node-rr' : impls[0]);
+  // Each round measures every impl within about a minute, so a figure taken
+  // against the base's run of the same round is spared the machine's drift
+  // between rounds: that run, for run `r`.
+  const baseRunFor = (r) => runs.find((x) => x.impl === baseline && x.round === r.round &&
+                                            x.scenario === r.scenario && x.wc === r.wc);
   const rows = [];
   for (const scenario of scenarios.filter(isLoad)) {
     for (const wc of workerCounts) {
@@ -587,15 +592,12 @@ function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
         });
       }
       const base = group.find((g) => g.impl === baseline);
-      const baseRuns = runs.filter((r) => r.impl === baseline && r.scenario === scenario && r.wc === wc);
       for (const g of group) {
         g.ratio = base && base.rps ? g.rps / base.rps : null;
-        // Each round measures every impl within about a minute, so a ratio
-        // taken within the round is spared the machine's drift between rounds.
         const paired = [];
         for (const r of g.impl === baseline ? [] : runs) {
           if (r.impl !== g.impl || r.scenario !== scenario || r.wc !== wc) continue;
-          const b = baseRuns.find((x) => x.round === r.round);
+          const b = baseRunFor(r);
           if (b && b.rps) paired.push(r.rps / b.rps);
         }
         g.pairedRatio = paired.length > 1 ? median(paired) : null;
@@ -611,13 +613,12 @@ function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
       const rs = runs.filter((r) => r.impl === impl && r.wc === wc && isLoad(r.scenario));
       if (!rs.length) continue;
       // Start-up times vary by several ms from one measurement to the next
-      // here: also the median difference from the base measured in the same
-      // round and scenario.
+      // here: also the median difference from the base's same-round runs.
       const paired = (key) => {
         if (impl === baseline) return null;
         const diffs = [];
         for (const r of rs) {
-          const b = runs.find((x) => x.impl === baseline && x.wc === wc && x.round === r.round && x.scenario === r.scenario);
+          const b = baseRunFor(r);
           if (b && b[key] != null && r[key] != null) diffs.push(r[key] - b[key]);
         }
         return diffs.length > 1 ? median(diffs) : null;
