@@ -42,6 +42,7 @@ test('settings after setupPrimary reach the worker (exec, args, execArgv, cwd, e
     assert.deepEqual(done.report, {
       ev: 'report', args: ['x', 'y'], execArgv: ['--max-old-space-size=64'], cwd, extra: 'extra value',
       leftovers: [], isWorker: true, builtinIsWorker: true, builtinWorkerId: 1, id: 1, stdin: 'Socket',
+      builtinIsCluster: true, builtinKeys: ['Worker', 'isMaster', 'isPrimary', 'isWorker', 'worker'],
       generatedLoaderRan: false,
     });
     assert.equal(done.stderr, 'to stderr\n');
@@ -138,6 +139,21 @@ test('in a worker of a node:cluster primary, cluster-rs is node:cluster', async 
   assert.deepEqual(r, {
     ev: 'result', report: { same: true, isWorker: true, id: 1, preloaded: false }, body: 'worker 1',
   });
+});
+
+test('a worker in which node:cluster was loaded before cluster-rs\'s preload still serves as a worker', async () => {
+  const [rs, node] = await both('api.js', ['preloaded']);
+  for (const r of [rs, node]) {
+    const { report, body } = one(r, 'preloaded');
+    assert.deepEqual({ ...report, port: 0, primaryMembers: null }, {
+      port: 0, same: true, isWorker: true, isPrimary: false, primaryMembers: null,
+    });
+    assert.equal(body, 'worker 1');
+  }
+  // What was loaded first was the primary's side of the built-in module (the
+  // preload completed it as a worker); node:cluster's own workers never have it.
+  assert.equal(one(rs, 'preloaded').report.primaryMembers, 'function');
+  assert.equal(one(node, 'preloaded').report.primaryMembers, 'undefined');
 });
 
 test('fork() with inspectPort: null throws ERR_SOCKET_BAD_PORT', async () => {

@@ -7,12 +7,26 @@
 // pauseOnConnect, allowHalfOpen, noDelay and keep-alive behave as without cluster.
 
 const path = require('node:path');
-const EventEmitter = require('node:events');
 const native = require('./native.js');
 const Worker = require('./worker.js');
 const { sendControl, controlListener } = require('./protocol.js');
 
-const cluster = new EventEmitter();
+// node:cluster's own worker-side object, completed here, so that
+// `require('node:cluster')` and `require('cluster-rs')` give one object in a
+// worker, as both names do in node:cluster's workers. The built-in module
+// picks its side from NODE_UNIQUE_ID when it is first loaded (the preload
+// loads this module before the app runs); if something loaded it earlier,
+// it is the primary's object, and is made to answer as a worker below.
+function builtinWorkerSide() {
+  process.env.NODE_UNIQUE_ID = '';
+  try {
+    return require('node:cluster');
+  } finally {
+    delete process.env.NODE_UNIQUE_ID;
+  }
+}
+
+const cluster = builtinWorkerSide();
 const handles = new Map(); // key -> handle, for disconnect
 const indexes = new Map();
 const byListener = new Map(); // native listener id -> { handle, server, isPipe }

@@ -27,23 +27,9 @@ if (id !== undefined && globalThis[WORKER] === undefined) {
   const at = process.execArgv.findIndex((arg, i) => arg === '--require' && process.execArgv[i + 1] === __filename);
   if (at !== -1) process.execArgv.splice(at, 2);
 
+  // The built-in module, completed as a worker (see child.js): net and dgram
+  // ask it for server handles.
   const cluster = require('./child.js');
-  const builtin = require('node:cluster');
-  builtin.isWorker = true;
-  builtin.isPrimary = false;
-  builtin.isMaster = false;
-  builtin._getServer = cluster._getServer;
-  // One _getServer for both objects: code that replaces it on the module it
-  // required affects what net and dgram call, as with node:cluster.
-  Object.defineProperty(cluster, '_getServer', {
-    configurable: true,
-    enumerable: true,
-    get() { return builtin._getServer; },
-    set(fn) { builtin._getServer = fn; },
-  });
   globalThis[WORKER] = cluster;
-
   cluster._setupWorker(Number(id) | 0, Number.isInteger(channelFd) ? channelFd : -1);
-  builtin.worker = cluster.worker;
-  builtin.Worker = cluster.Worker;
 }

@@ -3,8 +3,8 @@
 //
 // At spawn, environment variables (ENV). The preload reads and deletes them
 // before the application starts, so they are neither visible to it nor
-// inherited by its own children. (node:cluster's NODE_UNIQUE_ID is
-// deliberately not used: it would start the built-in worker machinery.)
+// inherited by its own children. (node:cluster's NODE_UNIQUE_ID is never set
+// at spawn: it would start the built-in worker machinery.)
 //
 // After that, control messages, which ride Node's own IPC channel.
 // A `cmd` that starts with "NODE_" makes child_process emit them as
