@@ -4,8 +4,8 @@
 //
 // Usage (from the repo root; also `npm run bench -- <flags>`):
 //
-//   node bench/run.js                      full run: 3 rounds x 5 s, scenarios
-//                                          close, keepalive, cpu, workers 2 and
+//   node bench/run.js                      full run: 3 rounds x 5 s, every
+//                                          scenario, workers 2 and
 //                                          os.availableParallelism()
 //   node bench/run.js --quick              ~1 min: 1 round x 2 s, close +
 //                                          keepalive, 2 workers
@@ -26,10 +26,14 @@
 //                       request), keepalive, cpu (~1 ms CPU per request,
 //                       keep-alive), pool (which workers a pool of
 //                       --connections keep-alive connections lands on when it
-//                       opens after, and during, --duration s of close load)
+//                       opens after, and during, --duration s of close load),
+//                       startup (fork → all listening and SIGKILL → replacement
+//                       listening, --startup-samples fresh servers per impl and
+//                       round, the impls alternating sample by sample)
 //   --workers 2,4       worker counts ("auto" = 2 and os.availableParallelism())
 //   --connections N     wrk -c (default 50)       --threads N  wrk -t (default 1)
 //   --cpu-ms MS         CPU burned per request in the cpu scenario (default 1)
+//   --startup-samples N samples per impl and round in the startup scenario (default 8)
 //   --out DIR           output directory (default bench/results)
 //
 // Environment: BENCH_RS_PATH=<dir> benchmarks another build of cluster-rs
@@ -53,9 +57,9 @@ const ROOT = path.resolve(__dirname, '..');
 const RS_PATH = process.env.BENCH_RS_PATH ? path.resolve(process.env.BENCH_RS_PATH) : ROOT;
 const SERVER = path.join(__dirname, 'server.js');
 const ALL_IMPLS = ['node-rr', 'node-none', 'rs-rr', 'rs-dispatch', 'rs-none', 'rs-reuseport', 'single'];
-const ALL_SCENARIOS = ['close', 'keepalive', 'cpu', 'pool'];
-// Scenarios whose figures are requests/s (all but pool).
-const isLoad = (scenario) => scenario !== 'pool';
+const ALL_SCENARIOS = ['close', 'keepalive', 'cpu', 'pool', 'startup'];
+// Scenarios whose figures are requests/s.
+const isLoad = (scenario) => scenario !== 'pool' && scenario !== 'startup';
 const IMPL_DEF = {
   'node-rr': { impl: 'node', policy: 'rr' },
   'node-none': { impl: 'node', policy: 'none' },
@@ -127,6 +131,7 @@ function parseArgs(argv) {
       case '--workers': o.workers = take(); break;
       case '--connections': case '-c': o.connections = posInt(take(), a); break;
       case '--threads': case '-t': o.threads = posInt(take(), a); break;
+      case '--startup-samples': o.startupSamples = posInt(take(), a); break;
       case '--cpu-ms': o.cpuMs = Number(take()); if (!(o.cpuMs > 0)) die('--cpu-ms must be > 0', 2); break;
       case '--out': o.out = path.resolve(take()); break;
       case '-h': case '--help': {
@@ -491,6 +496,12 @@ async function measure(implName, scenario, workers, cfg) {
   let stage = 'start';
   try {
     const ready = await srv.ready(START_TIMEOUT_MS);
+    if (scenario === 'startup') {
+      stage = 'kill-one-worker';
+      const { restartMs } = await srv.cmd('killone');
+      if (srv.exited) throw new Error('server exited during the measurement');
+      return { impl: implName, scenario, workers, port, startupMs: ready.startupMs, restartMs };
+    }
     if (scenario === 'pool') {
       stage = 'pools';
       const splits = await poolSplits(port, workers, cfg);
@@ -561,8 +572,9 @@ function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
   // Each round measures every impl within about a minute, so a figure taken
   // against the base's run of the same round is spared the machine's drift
   // between rounds: that run, for run `r`.
+  // (In the startup scenario, the base's run of the same sample.)
   const baseRunFor = (r) => runs.find((x) => x.impl === baseline && x.round === r.round &&
-                                            x.scenario === r.scenario && x.wc === r.wc);
+                                            x.scenario === r.scenario && x.wc === r.wc && x.sample === r.sample);
   const rows = [];
   for (const scenario of scenarios.filter(isLoad)) {
     for (const wc of workerCounts) {
@@ -606,11 +618,14 @@ function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
       rows.push(...group);
     }
   }
+  // Start-up and replacement come from the startup scenario when it ran;
+  // otherwise each load measurement's server start gives a sample.
+  const timed = runs.some((r) => r.scenario === 'startup') ? (scenario) => scenario === 'startup' : isLoad;
   const timings = [];
   for (const impl of impls) {
     if (IMPL_DEF[impl].impl === 'single') continue;
     for (const wc of workerCounts) {
-      const rs = runs.filter((r) => r.impl === impl && r.wc === wc && isLoad(r.scenario));
+      const rs = runs.filter((r) => r.impl === impl && r.wc === wc && timed(r.scenario));
       if (!rs.length) continue;
       // Start-up times vary by several ms from one measurement to the next
       // here: also the median difference from the base's same-round runs.
@@ -794,7 +809,7 @@ const NOTES = [
   'workers CPU = user+system CPU of all workers together (process.cpuUsage() in each, since the reset before the load), per 10k connections; with the primary\'s, it says where a policy spends the machine.',
   'prim RSS = VmRSS of the primary right after the load.',
   'pool: connections per worker of a pool of `--connections` keep-alive connections opened at once by the harness, 100 ms after `--duration` s of close load ("after load") and halfway through another ("during load"), one entry per round; busiest = the median over rounds of the busiest worker\'s part of the pool (ideal: 1 ÷ workers).',
-  'fork → all listening: from just before the first fork() until N cluster `listening` events. SIGKILL → replacement listening: the primary kills one worker with SIGKILL and, like ordinary node:cluster code, forks a replacement on `exit`; time until that replacement is listening.',
+  'fork → all listening: from just before the first fork() until N cluster `listening` events. SIGKILL → replacement listening: the primary kills one worker with SIGKILL and, like ordinary node:cluster code, forks a replacement on `exit`; time until that replacement is listening. With the startup scenario, these come from its samples: fresh servers that only start and replace a worker, the impls taking turns sample by sample; without it, from the server of each load measurement. vs base (paired) = the median difference from the baseline\'s sample of the same round (and sample).',
 ];
 
 // ------------------------------------------------------------------ main
@@ -810,6 +825,7 @@ async function main() {
     connections: a.connections ?? 50,
     threads: a.threads ?? 1,
     cpuMs: a.cpuMs ?? 1,
+    startupSamples: a.startupSamples ?? 8,
     scenarios: a.scenarios ?? (quick ? ['close', 'keepalive'] : ALL_SCENARIOS.slice()),
     out: a.out ?? path.join(__dirname, 'results'),
   };
@@ -861,7 +877,8 @@ async function main() {
     '--workers', workerCounts.join(','),
     '--rounds', cfg.rounds, '--duration', cfg.duration, '--warmup', cfg.warmup,
     '--connections', cfg.connections, '--threads', cfg.threads,
-  ].concat(cfg.cpuMs !== 1 ? ['--cpu-ms', cfg.cpuMs] : [], a.base !== undefined ? ['--base', a.base] : []).join(' ');
+  ].concat(cfg.cpuMs !== 1 ? ['--cpu-ms', cfg.cpuMs] : [],
+    cfg.scenarios.includes('startup') ? ['--startup-samples', cfg.startupSamples] : [], a.base !== undefined ? ['--base', a.base] : []).join(' ');
   console.log(`bench: ${wrkVersion}; wrk -t${cfg.threads} -c${cfg.connections} -d${cfg.duration}s (+${cfg.warmup}s warm-up), ` +
     `${cfg.rounds} round(s); impls ${impls.join(', ')}; scenarios ${cfg.scenarios.join(', ')}; workers ${workerCounts.join(', ')}`);
   console.log(`bench: reproduce with: ${command}`);
@@ -877,12 +894,19 @@ async function main() {
       // scenario, and not at all for pools (it has no workers to share them).
       const list = impls.filter((i) => IMPL_DEF[i].impl !== 'single' || (c.wc === workerCounts[0] && isLoad(c.scenario)));
       if (!list.length) return;
-      const k = (r + ci) % list.length;
-      const order = list.slice(k).concat(list.slice(0, k));
-      for (const impl of order) schedule.push({ round: r + 1, scenario: c.scenario, wc: c.wc, impl });
+      // The startup scenario alternates the impls sample by sample: each
+      // paired difference compares servers started within a second or two.
+      const samples = c.scenario === 'startup' ? cfg.startupSamples : 1;
+      for (let j = 0; j < samples; j++) {
+        const k = (r + ci + j) % list.length;
+        const order = list.slice(k).concat(list.slice(0, k));
+        for (const impl of order) schedule.push({ round: r + 1, scenario: c.scenario, wc: c.wc, impl, sample: j });
+      }
     });
   }
-  const estS = schedule.reduce((a, it) => a + (isLoad(it.scenario) ? cfg.duration + cfg.warmup : 2 * cfg.duration) + 0.7, 0);
+  if (!schedule.length) die(`nothing to run: ${impls.join(', ')} take no part in ${cfg.scenarios.join(', ')}`, 2);
+  const estOne = (scenario) => ({ pool: 2 * cfg.duration + 0.7, startup: 0.5 })[scenario] ?? cfg.duration + cfg.warmup + 0.7;
+  const estS = schedule.reduce((a, it) => a + estOne(it.scenario), 0);
   console.log(`bench: ${schedule.length} measurements, roughly ${Math.ceil(estS)} s\n`);
 
   const runs = [];
@@ -901,7 +925,12 @@ async function main() {
     }
     res.round = it.round;
     res.wc = it.wc;
+    res.sample = it.sample;
     runs.push(res);
+    if (it.scenario === 'startup') {
+      process.stdout.write(`start ${res.startupMs.toFixed(1)}ms  restart ${res.restartMs.toFixed(1)}ms\n`);
+      continue;
+    }
     if (!isLoad(it.scenario)) {
       process.stdout.write(`pool after load ${res.poolAfter.join('/')}  during load ${res.poolDuring.join('/')}` +
         `  start ${res.startupMs.toFixed(0)}ms\n`);
@@ -934,7 +963,7 @@ async function main() {
     rounds: cfg.rounds, duration: cfg.duration, warmup: cfg.warmup,
     connections: cfg.connections, threads: cfg.threads,
     scenarios: cfg.scenarios, workerCounts, impls, skipped,
-    cpuIter: cfg.cpuIter, cpuMs: cfg.cpuMs,
+    cpuIter: cfg.cpuIter, cpuMs: cfg.cpuMs, startupSamples: cfg.startupSamples,
     elapsedS,
   };
 
