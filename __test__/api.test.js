@@ -156,6 +156,34 @@ test('a worker in which node:cluster was loaded before cluster-rs\'s preload sti
   assert.equal(one(node, 'preloaded').report.primaryMembers, 'undefined');
 });
 
+// What napi-rs calls this platform's build, and its per-platform package in npm/.
+const TRIPLE = `${process.platform}-${process.arch}${process.platform === 'linux' ? '-gnu' : ''}`;
+
+test('the addon: the one built here, opened directly; installed from the registry, the per-platform package\'s',
+  { skip: process.platform !== 'linux' && 'reads /proc/self/maps' }, async () => {
+    const built = path.join(ROOT, `cluster-rs.${TRIPLE}.node`);
+    const here = one(await runOk('api.js', ['addon']), 'addon');
+    assert.deepEqual(here, { ev: 'addon', body: 'worker 1', primary: [built], worker: [built], loaderRan: false });
+
+    // The layout npm makes of `npm install cluster-rs`: the package, without a
+    // build of its own, beside the per-platform package that holds the addon.
+    const dir = fs.realpathSync(tmpdir());
+    try {
+      const pkg = path.join(dir, 'node_modules', 'cluster-rs');
+      for (const f of ['package.json', 'index.js', 'binding.js', 'lib']) {
+        fs.cpSync(path.join(ROOT, f), path.join(pkg, f), { recursive: true });
+      }
+      const platformPkg = path.join(dir, 'node_modules', `cluster-rs-${TRIPLE}`);
+      fs.cpSync(path.join(ROOT, 'npm', TRIPLE, 'package.json'), path.join(platformPkg, 'package.json'));
+      const addon = path.join(platformPkg, `cluster-rs.${TRIPLE}.node`);
+      fs.cpSync(built, addon);
+      const installed = one(await runOk('api.js', ['addon'], { module: pkg }), 'addon');
+      assert.deepEqual(installed, { ev: 'addon', body: 'worker 1', primary: [addon], worker: [addon], loaderRan: true });
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
 test('fork() with inspectPort: null throws ERR_SOCKET_BAD_PORT', async () => {
   const [rs, node] = await both('bad-input.js', ['inspect-null']);
   assert.deepEqual(rs.messages, node.messages);
