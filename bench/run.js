@@ -553,6 +553,7 @@ async function measure(implName, scenario, workers, cfg) {
       primaryCpuProcS: proc0 != null && proc1 != null ? proc1 - proc0 : null,
       primaryCpuPer10kConnS: connections >= 1000 ? primaryCpuS / connections * 1e4 : null,
       workersCpuPer10kConnS: connections >= 1000 && workersCpuS != null ? workersCpuS / connections * 1e4 : null,
+      workersCpuUsPerReq: serverRequests > 0 && workersCpuS != null ? workersCpuS / serverRequests * 1e6 : null,
       primaryRssKb: rssKb,
       startupMs: ready.startupMs,
       restartMs,
@@ -599,6 +600,7 @@ function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
           primaryCpuS: median(rs.map((r) => r.primaryCpuS)),
           primaryCpuPer10kConnS: median(rs.map((r) => r.primaryCpuPer10kConnS)),
           workersCpuPer10kConnS: median(rs.map((r) => r.workersCpuPer10kConnS)),
+          workersCpuUsPerReq: median(rs.map((r) => r.workersCpuUsPerReq)),
           primaryRssKb: median(rs.map((r) => r.primaryRssKb)),
           ratio: null,
         });
@@ -684,6 +686,7 @@ const COLS = [
   ['conn CV', (r) => fmt.f(r.connCv), 'r'],
   ['prim CPU s/10k conn', (r) => fmt.f(r.primaryCpuPer10kConnS, 3), 'r'],
   ['workers CPU s/10k conn', (r) => fmt.f(r.workersCpuPer10kConnS, 3), 'r'],
+  ['workers CPU µs/req', (r) => fmt.f(r.workersCpuUsPerReq, 1), 'r'],
   ['prim CPU s', (r) => fmt.f(r.primaryCpuS, 2), 'r'],
   ['prim RSS', (r) => fmt.mb(r.primaryRssKb), 'r'],
 ];
@@ -806,7 +809,7 @@ const NOTES = [
   'errors = wrk socket errors (connect, read, write, timeout) + non-2xx/3xx responses.',
   'conns/worker = TCP connections each worker\'s server saw (`connection` events), sorted descending, median per position; conn CV = stddev/mean over workers (0 = perfectly even).',
   'prim CPU = user+system CPU of the primary process (all its threads) during the measured load (process.cpuUsage() in the primary); per 10k conn only shown when ≥ 1000 connections were made (not meaningful for keep-alive). For `single` the "primary" is the only process and does all the work.',
-  'workers CPU = user+system CPU of all workers together (process.cpuUsage() in each, since the reset before the load), per 10k connections; with the primary\'s, it says where a policy spends the machine.',
+  'workers CPU = user+system CPU of all workers together (process.cpuUsage() in each, since the reset before the load), per 10k connections; with the primary\'s, it says where a policy spends the machine. Per request too: with keep-alive, where no connection is accepted, it tells a cost the module adds to each request from the split of the connections and the machine\'s noise.',
   'prim RSS = VmRSS of the primary right after the load.',
   'pool: connections per worker of a pool of `--connections` keep-alive connections opened at once by the harness, 100 ms after `--duration` s of close load ("after load") and halfway through another ("during load"), one entry per round; busiest = the median over rounds of the busiest worker\'s part of the pool (ideal: 1 ÷ workers).',
   'fork → all listening: from just before the first fork() until N cluster `listening` events. SIGKILL → replacement listening: the primary kills one worker with SIGKILL and, like ordinary node:cluster code, forks a replacement on `exit`; time until that replacement is listening. With the startup scenario, these come from its samples: fresh servers that only start and replace a worker, the impls taking turns sample by sample; without it, from the server of each load measurement. vs base (paired) = the median difference from the baseline\'s sample of the same round (and sample).',
