@@ -7,8 +7,9 @@
 //   node bench/run.js                      full run: 3 rounds x 5 s, every
 //                                          scenario, workers 2 and
 //                                          os.availableParallelism()
-//   node bench/run.js --quick              ~1 min: 1 round x 2 s, close +
-//                                          keepalive, 2 workers
+//   node bench/run.js --quick              under 1 min: 1 round x 2 s, close
+//                                          + keepalive, one startup sample
+//                                          per impl, 2 workers
 //   node bench/run.js --impl node-rr,single --rounds 5 --duration 10
 //
 // Flags (each overrides the --quick / full default):
@@ -33,7 +34,7 @@
 //   --workers 2,4       worker counts ("auto" = 2 and os.availableParallelism())
 //   --connections N     wrk -c (default 50)       --threads N  wrk -t (default 1)
 //   --cpu-ms MS         CPU burned per request in the cpu scenario (default 1)
-//   --startup-samples N samples per impl and round in the startup scenario (default 8)
+//   --startup-samples N samples per impl and round in the startup scenario (default 8; --quick 1)
 //   --out DIR           output directory (default bench/results)
 //
 // Environment: BENCH_RS_PATH=<dir> benchmarks another build of cluster-rs
@@ -828,8 +829,8 @@ async function main() {
     connections: a.connections ?? 50,
     threads: a.threads ?? 1,
     cpuMs: a.cpuMs ?? 1,
-    startupSamples: a.startupSamples ?? 8,
-    scenarios: a.scenarios ?? (quick ? ['close', 'keepalive'] : ALL_SCENARIOS.slice()),
+    startupSamples: a.startupSamples ?? (quick ? 1 : 8),
+    scenarios: a.scenarios ?? (quick ? ['close', 'keepalive', 'startup'] : ALL_SCENARIOS.slice()),
     out: a.out ?? path.join(__dirname, 'results'),
   };
   for (const s of cfg.scenarios) if (!ALL_SCENARIOS.includes(s)) die(`unknown scenario "${s}" (known: ${ALL_SCENARIOS.join(', ')})`, 2);
