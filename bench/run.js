@@ -935,7 +935,7 @@ async function main() {
       process.stdout.write(`start ${res.startupMs.toFixed(1)}ms  restart ${res.restartMs.toFixed(1)}ms\n`);
       continue;
     }
-    if (!isLoad(it.scenario)) {
+    if (it.scenario === 'pool') {
       process.stdout.write(`pool after load ${res.poolAfter.join('/')}  during load ${res.poolDuring.join('/')}` +
         `  start ${res.startupMs.toFixed(0)}ms\n`);
       continue;
