@@ -7,9 +7,9 @@
 //   node bench/run.js                      full run: 3 rounds x 5 s, every
 //                                          scenario, workers 2 and
 //                                          os.availableParallelism()
-//   node bench/run.js --quick              under 1 min: 1 round x 2 s, close
-//                                          + keepalive, one startup sample
-//                                          per impl, 2 workers
+//   node bench/run.js --quick              under 1 min: 1 round x 2 s (no
+//                                          warm-up), close + keepalive, one
+//                                          startup sample per impl, 2 workers
 //   node bench/run.js --impl node-rr,single --rounds 5 --duration 10
 //
 // Flags (each overrides the --quick / full default):
@@ -22,7 +22,7 @@
 //   --rounds N          interleaved rounds; every impl runs once per round and
 //                       the order rotates between rounds; medians are reported
 //   --duration S        wrk duration per measurement, whole seconds
-//   --warmup S          wrk warm-up before each measurement (0 = none)
+//   --warmup S          wrk warm-up before each measurement (default 1; --quick 0 = none)
 //   --scenarios a,b     close (Connection: close, one TCP connection per
 //                       request), keepalive, cpu (~1 ms CPU per request,
 //                       keep-alive), pool (which workers a pool of
@@ -825,7 +825,7 @@ async function main() {
   const cfg = {
     rounds: a.rounds ?? (quick ? 1 : 3),
     duration: a.duration ?? (quick ? 2 : 5),
-    warmup: a.warmup ?? 1,
+    warmup: a.warmup ?? (quick ? 0 : 1),
     connections: a.connections ?? 50,
     threads: a.threads ?? 1,
     cpuMs: a.cpuMs ?? 1,
