@@ -31,6 +31,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::sockets::Listening;
 use crate::sys::{self, SysResult};
+use crate::worker_channel::DIRECT;
 use crate::wire::{self, Decoder, Incoming, Record, MAX_FDS_PER_MSG, RECORD_LEN};
 
 /// Default number of connections a worker may hold unacknowledged. Large
@@ -105,12 +106,12 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn start(window: usize, balance: Balance) -> SysResult<Dispatcher> {
-        Dispatcher::start_with_quiet(window, balance, crate::ledger::QUIET)
+        Dispatcher::start_with(window, balance, crate::ledger::QUIET, 0)
     }
 
     /// As `start`, with another length of quiet after which offers start
-    /// level again (`Listener::level`).
-    fn start_with_quiet(window: usize, balance: Balance, quiet: Duration) -> SysResult<Dispatcher> {
+    /// level again (`Listener::level`), and the first sequence number.
+    fn start_with(window: usize, balance: Balance, quiet: Duration, first_seq: u32) -> SysResult<Dispatcher> {
         let (wake, wake_rx) = sys::stream_pair()?;
         sys::set_nonblocking(wake.as_fd(), true)?;
         sys::set_nonblocking(wake_rx.as_fd(), true)?;
@@ -122,7 +123,7 @@ impl Dispatcher {
             quiet,
             listeners: HashMap::new(),
             channels: HashMap::new(),
-            next_seq: 0,
+            next_seq: first_seq & !DIRECT,
             starved: false,
         };
         let thread = std::thread::Builder::new()
@@ -320,6 +321,8 @@ struct Loop {
     quiet: Duration,
     listeners: HashMap<u32, Listener>,
     channels: HashMap<u32, Channel>,
+    /// The next connection's sequence number: 31 bits, wrapping to 0, since
+    /// a worker takes one with `DIRECT` set for a connection it accepted.
     next_seq: u32,
     /// Out of descriptors (EMFILE and kin): stop accepting until one is freed.
     starved: bool,
@@ -535,7 +538,7 @@ impl Loop {
                 l.offer(index, limit);
                 let conn = l.pending.pop_front().unwrap();
                 let seq = self.next_seq;
-                self.next_seq = self.next_seq.wrapping_add(1);
+                self.next_seq = self.next_seq.wrapping_add(1) & !DIRECT;
                 let c = self.channels.get_mut(&channel_id).unwrap();
                 c.held.insert(seq, conn);
                 c.queued.push(seq);
@@ -883,7 +886,11 @@ mod tests {
     }
 
     fn setup_quiet(window: usize, quiet: Duration) -> (Dispatcher, u32, u16) {
-        let d = Dispatcher::start_with_quiet(window, Balance::Dispatch, quiet).unwrap();
+        setup_with(window, quiet, 0)
+    }
+
+    fn setup_with(window: usize, quiet: Duration, first_seq: u32) -> (Dispatcher, u32, u16) {
+        let d = Dispatcher::start_with(window, Balance::Dispatch, quiet, first_seq).unwrap();
         let spec = InetSpec {
             host: Some(Ipv4Addr::LOCALHOST.into()),
             scope_id: 0,
@@ -971,6 +978,27 @@ mod tests {
         }
         assert!(order.windows(2).all(|w| w[0] != w[1]), "not round-robin: {order:?}");
         wait_for(|| d.stats().iter().map(|s| s.accepted).sum::<u64>() == 6);
+    }
+
+    #[test]
+    fn sequence_numbers_wrap_below_the_workers_own() {
+        // Two before the wrap: the third connection is numbered 0 again,
+        // never with DIRECT set (a worker drops a Conn that has it).
+        let (d, l, port) = setup_with(4, Duration::MAX, DIRECT - 2);
+        let workers = [worker(&d, l), worker(&d, l)];
+        let seqs: Vec<u32> = (0..4)
+            .map(|_| {
+                let mut client = connect(port);
+                let (i, (seq, fd)) = offered(&[&workers[0], &workers[1]]);
+                workers[i].channel.settle(&[seq], &[]).unwrap();
+                // SAFETY: settled as accepted, so the fd is ours.
+                let mut server = unsafe { TcpStream::from_raw_fd(fd) };
+                assert_connected(&mut client, &mut server);
+                seq
+            })
+            .collect();
+        assert_eq!(seqs, vec![DIRECT - 2, DIRECT - 1, 0, 1]);
+        wait_for(|| d.stats().iter().map(|s| s.accepted).sum::<u64>() == 4);
     }
 
     /// Makes `n` connections one after another, each accepted by whichever
