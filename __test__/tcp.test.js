@@ -18,6 +18,15 @@ const both = (fixture, args, options = {}) => Promise.all([
 
 const count = (list, value) => list.filter((v) => v === value).length;
 
+for (const balance of ['ledger', 'dispatch']) {
+  test(`a 'connection' listener that throws leaves the rest of its batch to be served (${balance})`, async () => {
+    const [rs, node] = await both('tcp.js', ['throwing'], { env: { CLUSTER_RS_BALANCE: balance } });
+    for (const result of [rs, node]) {
+      assert.deepEqual(one(result, 'result').answers, [...Array(7).fill('served'), 'threw'], result.describe());
+    }
+  });
+}
+
 test('a worker script that never requires cluster-rs shares the port; both workers serve', async () => {
   const [rs, node] = await both('plain.js');
   for (const result of [rs, node]) {

@@ -185,8 +185,9 @@ function roundRobin(message, { indexesKey, index, server }, cb) {
 function onBatch(batch) {
   const accepted = [];
   const declined = [];
+  let settled = 0; // entries taken or declined so far
   try {
-    for (let i = 0; i + 2 < batch.length; i += 3) {
+    for (let i = 0; i + 2 < batch.length; i += 3, settled++) {
       const seq = batch[i + 1];
       const entry = byListener.get(batch[i]);
       const server = entry && entry.server;
@@ -204,6 +205,11 @@ function onBatch(batch) {
       entry.handle.onconnection(0, handle);
     }
   } finally {
+    // After a throw (from a 'connection' listener, or while making a
+    // handle), what is left of the batch goes to another worker.
+    for (let i = settled * 3; i + 2 < batch.length; i += 3) {
+      if (!accepted.includes(batch[i + 1])) declined.push(batch[i + 1]);
+    }
     native.workerSettle(accepted, declined);
   }
 }
