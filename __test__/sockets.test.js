@@ -52,6 +52,28 @@ for (const policy of ['rr', 'none']) {
   });
 }
 
+for (const policy of ['rr', 'none']) {
+  test(`a worker closes a Unix-socket server and listens on the same name again (${policy})`, async () => {
+    const dirs = [fs.realpathSync(tmpdir()), fs.realpathSync(tmpdir())];
+    try {
+      const env = { NODE_CLUSTER_SCHED_POLICY: policy };
+      const results = await Promise.all([
+        runOk('unix-relisten.js', [dirs[0]], { env }),
+        runOk('unix-relisten.js', [dirs[1]], { env, module: 'node' }),
+      ]);
+      const expected = Array(3).fill('listening');
+      for (const result of results) {
+        assert.deepEqual(one(result, 'result'), {
+          ev: 'result', primaryAlive: true,
+          steps: process.platform === 'linux' ? { file: expected, abstract: expected } : { file: expected },
+        }, result.describe());
+      }
+    } finally {
+      for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
+
 test('a Unix socket path longer than sun_path works through the relative path', async () => {
   const base = fs.realpathSync(tmpdir());
   const dirs = ['rs', 'node'].map((m) => path.join(base, m, 'd'.repeat(110)));

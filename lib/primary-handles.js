@@ -80,7 +80,9 @@ class SharedHandle {
       result = native.bindSharedTcp(address || null, port, Boolean(flags & 1));
     } else {
       result = native.bindSharedUnix(String(address), Boolean(readableAll), Boolean(writableAll));
-      if (!result.errno) this.path = String(address);
+      // A file to remove when the last worker leaves; an abstract name
+      // (leading NUL) has none.
+      if (!result.errno && !String(address).startsWith('\0')) this.path = String(address);
     }
     if (result.errno) {
       this.errno = result.errno;
@@ -105,7 +107,15 @@ class SharedHandle {
     if (this.workers.size !== 0) return false;
     if (this.handle) this.handle.close();
     this.handle = null;
-    if (this.path) fs.rm(this.path, { force: true }, () => {});
+    // At once, as libuv does when a pipe server closes: the worker may
+    // listen on the same path again with its next message.
+    if (this.path) {
+      try {
+        fs.unlinkSync(this.path);
+      } catch {
+        // Gone already.
+      }
+    }
     return true;
   }
 }
