@@ -140,6 +140,18 @@ test('dgram: workers binding the same port share one socket', async () => {
   }
 });
 
+for (const mode of ['noport', 'stringport']) {
+  test(`dgram: bind() ${mode === 'noport' ? 'with no port' : 'with the port as a string'} is shared too`, async () => {
+    const [rs, node] = await both('dgram.js', [mode]);
+    for (const result of [rs, node]) {
+      const r = one(result, 'result');
+      assert.equal(r.samePort, true, result.describe());
+      assert.equal(r.received, 20);
+      assert.deepEqual(r.addresses, ['0.0.0.0', '0.0.0.0']);
+    }
+  });
+}
+
 test('dgram: exclusive sockets are each worker\'s own', async () => {
   const [rs, node] = await both('dgram.js', ['exclusive']);
   assert.deepEqual(rs.messages, node.messages);

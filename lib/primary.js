@@ -313,11 +313,19 @@ function wellFormedQuery(m) {
   if (m.address !== null && m.address !== undefined && typeof m.address !== 'string') return false;
   if (isInt(m.fd) && m.fd >= 0) return true;
   if (!isInt(m.port) || m.port > 65535) return false;
+  if (isUdp(m)) return m.port >= 0;
   return m.port >= 0 || (typeof m.address === 'string' && m.address.length > 0);
+}
+
+function isUdp(message) {
+  return message.addressType === 'udp4' || message.addressType === 'udp6';
 }
 
 function queryServer(worker, message) {
   if (worker.exitedAfterDisconnect) return;
+  // dgram passes bind()'s port on as the app gave it: none, or a string
+  // such as process.env.PORT. node:cluster binds `port || 0`, as a number.
+  if (isUdp(message) && typeof message.port !== 'number') message.port = +message.port || 0;
   if (!wellFormedQuery(message)) {
     send(worker, { errno: UV_EINVAL, key: null, ack: message.seq, data: null });
     return;
@@ -348,8 +356,7 @@ function queryServer(worker, message) {
 
 // UDP is always shared: there is nothing to balance but datagrams.
 function handleClassFor(message) {
-  const udp = message.addressType === 'udp4' || message.addressType === 'udp6';
-  if (udp) return SharedHandle;
+  if (isUdp(message)) return SharedHandle;
   if (schedulingPolicy === SCHED_RR) return RoundRobinHandle;
   const tcpPort = message.port >= 0 && !(message.fd >= 0);
   if (schedulingPolicy === SCHED_REUSEPORT && tcpPort && process.platform === 'linux') return ReusePortHandle;
