@@ -45,7 +45,7 @@ declare namespace cluster {
         maxDelay?: number | undefined;
         /** A worker that lived at least this many ms resets the backoff. Default 1000. */
         minUptime?: number | undefined;
-        /** Quick failures in a row after which the slot is given up (see 'giveup'). Default 16. */
+        /** Restarts after quick failures in a row; the next quick failure gives the slot up (see 'giveup'). Default 16. */
         maxRestarts?: number | undefined;
     }
 
@@ -54,7 +54,7 @@ declare namespace cluster {
         /** Restart workers that die unexpectedly; `true` uses the default policy. */
         restart?: boolean | RestartOptions | undefined;
         /** Signals that make the primary shut the cluster down gracefully. */
-        shutdownOn?: NodeJS.Signals[] | undefined;
+        shutdownOn?: NodeJS.Signals | NodeJS.Signals[] | undefined;
         /** Signal(s) that trigger a rolling reload of all workers. */
         reloadOn?: NodeJS.Signals | NodeJS.Signals[] | undefined;
         /** During reload(), a replacement is ready when it sends `process.send('ready')`, not when it listens. */

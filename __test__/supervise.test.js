@@ -204,6 +204,26 @@ test('restart after an external SIGKILL of the worker', { timeout: 20000 }, asyn
   assertRestartedOnce(result, [null, 'SIGKILL']);
 });
 
+test('cluster.disconnect() drops a restart that waits out its delay; the primary ends', { timeout: 20000 },
+     async () => {
+       // Without it, the restart would keep the primary running: the run times out.
+       const result = await run('sup-races.js', ['disconnect-pending'], { timeout: 10000 });
+       assertCleanExit(result);
+       one(result, 'disconnected');
+       assert.deepEqual(one(result, 'primary-exit').forks, [1]);
+     });
+
+test('restarts that cannot be spawned count as quick failures and end in giveup', { timeout: 20000 },
+     async () => {
+       const result = await run('sup-races.js', ['spawn-fail']);
+       assertCleanExit(result);
+       // maxRestarts 2: the crash and two failed spawns, then the slot is given up.
+       assert.deepEqual(one(result, 'primary-exit').forks, [1, 2, 3]);
+       assert.deepEqual(one(result, 'giveup').info, { id: 3, restarts: 2, code: null, signal: null });
+       assert.equal(pick(result, 'warning').length, 2);
+       assert.match(pick(result, 'warning')[0].message, /spawn .* ENOENT/);
+     });
+
 // ---------------------------------------------------------------- reload
 
 function checkReload(result, { waitReady }) {
@@ -303,6 +323,24 @@ test('reload timeout with a restart policy: the killed replacement is not restar
   assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1, 2, 3]);
 });
 
+test('a worker that dies while a reload replaces it gets no restart on top of its replacement',
+     { timeout: 20000 }, async () => {
+       const result = await run('sup-races.js', ['crash-mid-reload']);
+       assertCleanExit(result);
+       assert.deepEqual(one(result, 'reloaded').live, [3, 4], 'two workers configured, two after the reload');
+       assert.deepEqual(one(result, 'primary-exit').forks, [1, 2, 3, 4]);
+     });
+
+test('reload(): a replacement that cannot be spawned rejects at once; the old worker stays',
+     { timeout: 20000 }, async () => {
+       const result = await run('sup-races.js', ['reload-spawn-fail']);
+       assertCleanExit(result);
+       const reload = one(result, 'reload');
+       assert.equal(reload.code, 'ERR_CLUSTER_RS_RELOAD_FAILED');
+       assert.ok(reload.ms < 10000, `rejected after ${reload.ms} ms (readyTimeout is 60 s)`);
+       assert.equal(reload.oldAlive, true);
+     });
+
 // ---------------------------------------------------------------- shutdown
 
 function checkShutdown(result) {
@@ -341,6 +379,16 @@ test('shutdown({ timeout: 500 }) SIGKILLs a stuck worker; a healthy one exits 0'
 test('shutdown() uses settings.shutdownTimeout', { timeout: 20000 }, async () => {
   checkShutdown(await run('sup-shutdown.js', ['setting']));
 });
+
+test('shutdown() during a reload waits for the worker the reload is draining; the reload rejects',
+     { timeout: 20000 }, async () => {
+       const result = await run('sup-races.js', ['shutdown-mid-reload']);
+       assertCleanExit(result);
+       const shutdown = one(result, 'shutdown');
+       assert.equal(shutdown.oldAlive, false, 'the draining worker outlived shutdown()');
+       assert.ok(shutdown.ms >= 200 - TOLERANCE, `resolved after ${shutdown.ms} ms, before its timeout`);
+       assert.equal(one(result, 'reload').code, 'ERR_CLUSTER_RS_RELOAD_ABORTED');
+     });
 
 // ---------------------------------------------------------------- signals
 
@@ -456,6 +504,12 @@ test('invalid settings throw Node-style errors and change nothing', { timeout: 2
     'shutdown-timeout-string': ['ERR_INVALID_ARG_TYPE', 'TypeError', /options\.timeout/],
     'shutdown-timeout-negative': ['ERR_OUT_OF_RANGE', 'RangeError', /options\.timeout/],
     'shutdown-options-string': ['ERR_INVALID_ARG_TYPE', 'TypeError', /"options" argument/],
+    'shutdownOn-sigkill': ['ERR_INVALID_ARG_VALUE', 'TypeError', /options\.shutdownOn.*cannot be caught.*SIGKILL/],
+    'reloadOn-sigstop': ['ERR_INVALID_ARG_VALUE', 'TypeError', /options\.reloadOn.*cannot be caught.*SIGSTOP/],
+    // Timers cannot wait longer: setTimeout() would fire at once instead.
+    'shutdownTimeout-too-long': ['ERR_OUT_OF_RANGE', 'RangeError', /options\.shutdownTimeout.*<= 2147483647/],
+    'readyTimeout-too-long': ['ERR_OUT_OF_RANGE', 'RangeError', /options\.readyTimeout/],
+    'shutdown-timeout-too-long': ['ERR_OUT_OF_RANGE', 'RangeError', /options\.timeout/],
   };
   for (const [name, [code, type, message]] of Object.entries(expect)) {
     const c = cases[name];

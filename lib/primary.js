@@ -253,6 +253,8 @@ function forkWorker(env, slot) {
 
   worker.process.once('disconnect', () => {
     retireChannel(worker);
+    // A process that never started (spawn failed) has no 'exit' to come.
+    if (worker.process.pid === undefined) removeChannel(worker);
     removeHandlesForWorker(worker);
     // Keep the worker listed until its process has also exited.
     if (worker.isDead()) removeWorker(worker);
@@ -273,6 +275,9 @@ function emitFork(worker) {
 }
 
 cluster.disconnect = function disconnect(cb) {
+  // Workers that exit meanwhile, on purpose or not, are not restarted.
+  supervisor.suspend();
+  intercom.once('disconnect', supervisor.resume);
   const workers = Object.values(cluster.workers);
   if (workers.length === 0) {
     process.nextTick(() => intercom.emit('disconnect'));

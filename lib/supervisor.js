@@ -7,12 +7,14 @@
 const os = require('node:os');
 const native = require('./native.js');
 const {
-  invalidArgType, validateObject, validateNumber,
+  invalidArgType, invalidArgValue, validateObject, validateNumber,
 } = require('./errors.js');
 
 const DEFAULT_RESTART = { delay: 100, maxDelay: 15000, minUptime: 1000, maxRestarts: 16 };
 const DEFAULT_SHUTDOWN_TIMEOUT = 5000;
 const DEFAULT_READY_TIMEOUT = 30000;
+// The longest a timer can wait: setTimeout() fires at once above it.
+const TIMEOUT_MAX = 2 ** 31 - 1;
 
 function unknownSignal(signal) {
   const err = new TypeError(`Unknown signal: ${signal}`);
@@ -26,6 +28,7 @@ function validateSignals(value, name) {
   for (const signal of list) {
     if (typeof signal !== 'string') throw invalidArgType(name, 'string', signal);
     if (!Object.hasOwn(os.constants.signals, signal)) throw unknownSignal(signal);
+    if (signal === 'SIGKILL' || signal === 'SIGSTOP') throw invalidArgValue(name, signal, 'cannot be caught');
   }
   return list;
 }
@@ -48,7 +51,7 @@ function validateSettings(settings) {
     }
   }
   for (const key of ['shutdownTimeout', 'readyTimeout']) {
-    if (settings[key] !== undefined) validateNumber(settings[key], `options.${key}`, 0);
+    if (settings[key] !== undefined) validateNumber(settings[key], `options.${key}`, 0, TIMEOUT_MAX);
   }
   if (settings.waitReady !== undefined && typeof settings.waitReady !== 'boolean') {
     throw invalidArgType('options.waitReady', 'boolean', settings.waitReady);
@@ -62,12 +65,17 @@ function validateSettings(settings) {
 // stopAccepting(), and the worker symbols kEnv, kSlot, kStarted, kStopped.
 function createSupervisor(primary) {
   const { cluster } = primary;
-  const pending = new Map(); // slot -> { env, code, signal }
+  const pending = new Map(); // slot -> { env, id }: restarts waiting for their delay
   const hooked = new Set();
+  const retiring = new Set(); // workers disconnected by retire() that have not exited yet
   const kCandidate = Symbol('cluster-rs.reload-candidate');
+  const kReplacing = Symbol('cluster-rs.being-replaced');
+  const kOwnListener = Symbol('cluster-rs.supervisor-listener');
   let policy = null;
   let keepAlive = null;
   let shutdownPromise = null;
+  let shutdowns = 0;
+  let suspended = false; // cluster.disconnect() under way
   let reloadPromise = null;
   let started = false;
 
@@ -88,6 +96,7 @@ function createSupervisor(primary) {
   function configure(settings) {
     policy = validateSettings(settings);
     if (policy) start();
+    else cancelRestarts();
     for (const signal of settings.shutdownOn ? validateSignals(settings.shutdownOn, 'options.shutdownOn') : []) {
       hook(signal, () => shutdown().then(() => process.exit(0), () => process.exit(1)));
     }
@@ -106,25 +115,30 @@ function createSupervisor(primary) {
   // Called after a worker's 'exit' events.
   function onExit(worker, code, signal) {
     // Not restarted: workers stopped on purpose, reload candidates (the
-    // reload fails instead), and anything during shutdown.
-    if (!policy || worker.exitedAfterDisconnect || worker[primary.kStopped] || worker[kCandidate] || shutdownPromise) {
+    // reload fails instead), workers a reload is replacing (the replacement
+    // stands in for them), and anything during shutdown.
+    if (!policy || worker.exitedAfterDisconnect || worker[primary.kStopped] || worker[kCandidate] ||
+        worker[kReplacing] || shutdownPromise || suspended) {
       return;
     }
-    const slot = worker[primary.kSlot];
-    const uptime = Date.now() - worker[primary.kStarted];
+    restartLater(worker[primary.kSlot], worker[primary.kEnv], Date.now() - worker[primary.kStarted],
+                 { id: worker.id, code, signal });
+  }
+
+  // Schedules a restart of `slot` by the policy, or gives the slot up.
+  function restartLater(slot, env, uptime, info) {
     const decision = native.supervisorExit(slot, uptime, policy.delay, policy.maxDelay, policy.minUptime,
                                            policy.maxRestarts);
     if (decision.giveUp) {
-      const info = { id: worker.id, restarts: decision.quickFailures - 1, code, signal };
       if (cluster.listenerCount('giveup') > 0) {
-        cluster.emit('giveup', info);
+        cluster.emit('giveup', { ...info, restarts: decision.quickFailures - 1 });
       } else {
-        process.emitWarning(`cluster-rs: worker ${worker.id} failed ${decision.quickFailures} times in a row ` +
+        process.emitWarning(`cluster-rs: worker ${info.id} failed ${decision.quickFailures} times in a row ` +
                             'within minUptime; its slot is not restarted any more', 'ClusterRsWarning');
       }
       return;
     }
-    pending.set(slot, { env: worker[primary.kEnv] });
+    pending.set(slot, { env, id: info.id });
     holdAlive();
   }
 
@@ -133,7 +147,38 @@ function createSupervisor(primary) {
     if (entry === undefined) return;
     pending.delete(slot);
     holdAlive();
-    if (!shutdownPromise) primary.forkWorker(entry.env, slot);
+    if (shutdownPromise || suspended || !policy) return;
+    // A failed start is a quick failure: tried again, given up in the end.
+    const failedStart = (id, err) => {
+      process.emitWarning(`cluster-rs: restarting worker ${entry.id} failed: ${err.message}`, 'ClusterRsWarning');
+      if (policy && !shutdownPromise && !suspended) restartLater(slot, entry.env, 0, { id, code: null, signal: null });
+    };
+    try {
+      fork(entry.env, slot, (worker, err) => failedStart(worker.id, err));
+    } catch (err) {
+      failedStart(entry.id, err); // no process at all (e.g. EMFILE making its channel)
+    }
+  }
+
+  // A worker forked by the supervisor. A process that never started emits
+  // 'error' (before 'fork', so before the app could listen) and no 'exit':
+  // `onFailedStart` hears of it. Any other 'error' that only the
+  // supervisor listens to is thrown, as an unhandled 'error' is.
+  function fork(env, slot, onFailedStart) {
+    const worker = primary.forkWorker(env, slot);
+    worker.on('error', ownListener(function onError(err) {
+      if (this.process.pid === undefined) {
+        if (onFailedStart) onFailedStart(this, err);
+      } else if (!this.listeners('error').some((fn) => !fn[kOwnListener])) {
+        throw err;
+      }
+    }));
+    return worker;
+  }
+
+  function ownListener(fn) {
+    fn[kOwnListener] = true;
+    return fn;
   }
 
   function cancelRestarts() {
@@ -153,6 +198,9 @@ function createSupervisor(primary) {
   async function retire(workers, timeout) {
     const gone = Promise.all(workers.map(exited));
     for (const worker of workers) {
+      if (worker.isDead()) continue;
+      retiring.add(worker);
+      worker.process.once('exit', () => retiring.delete(worker));
       if (worker.isConnected()) worker.disconnect();
     }
     const killer = setTimeout(() => {
@@ -169,7 +217,7 @@ function createSupervisor(primary) {
     if (options !== undefined) validateObject(options, 'options');
     const timeout = options && options.timeout !== undefined ? options.timeout :
       cluster.settings.shutdownTimeout ?? DEFAULT_SHUTDOWN_TIMEOUT;
-    validateNumber(timeout, 'options.timeout', 0);
+    validateNumber(timeout, 'options.timeout', 0, TIMEOUT_MAX);
     return timeout;
   }
 
@@ -177,8 +225,11 @@ function createSupervisor(primary) {
     const timeout = shutdownTimeout(options);
     if (shutdownPromise) return shutdownPromise;
     cancelRestarts();
+    shutdowns++;
     primary.stopAccepting();
-    const workers = Object.values(cluster.workers).filter((w) => !w.isDead());
+    // Workers a reload (or the app) already disconnected are no longer
+    // listed, but are still draining: they are waited for, and killed, too.
+    const workers = [...new Set([...Object.values(cluster.workers), ...retiring])].filter((w) => !w.isDead());
     shutdownPromise = retire(workers, timeout).finally(() => { shutdownPromise = null; });
     return shutdownPromise;
   }
@@ -196,6 +247,7 @@ function createSupervisor(primary) {
         fresh.removeListener('online', check);
         fresh.removeListener('message', onMessage);
         fresh.removeListener('exit', onExit);
+        fresh.removeListener('error', onError);
       };
       const check = () => {
         const current = new Set(primary.keysOf(fresh));
@@ -216,6 +268,12 @@ function createSupervisor(primary) {
                                        `(${signal || `code ${code}`}) before it was ready`),
                              { code: 'ERR_CLUSTER_RS_RELOAD_FAILED', workerId: fresh.id, exitCode: code, signal }));
       };
+      const onError = ownListener((err) => {
+        if (fresh.process.pid !== undefined) return; // it started; an IPC error is not a failed start
+        cleanup();
+        reject(Object.assign(new Error(`cluster-rs: replacement worker ${fresh.id} could not start: ${err.message}`),
+                             { code: 'ERR_CLUSTER_RS_RELOAD_FAILED', workerId: fresh.id, cause: err }));
+      });
       const timer = setTimeout(() => {
         cleanup();
         reject(Object.assign(new Error(`cluster-rs: replacement worker ${fresh.id} was not ready ` +
@@ -225,17 +283,27 @@ function createSupervisor(primary) {
       fresh.on('online', check);
       fresh.on('message', onMessage);
       fresh.once('exit', onExit);
+      fresh.on('error', onError);
     });
   }
 
   async function replace(old) {
-    const fresh = primary.forkWorker(old[primary.kEnv], old[primary.kSlot]);
-    fresh[kCandidate] = true;
+    // If `old` dies meanwhile, its replacement is already on the way.
+    old[kReplacing] = true;
+    let fresh;
     try {
+      fresh = fork(old[primary.kEnv], old[primary.kSlot]);
+      fresh[kCandidate] = true;
       await whenReady(fresh, old);
     } catch (err) {
       // Gracefully, like any retirement: it may already hold connections.
-      if (!fresh.isDead()) await retire([fresh], shutdownTimeout());
+      if (fresh && !fresh.isDead()) await retire([fresh], shutdownTimeout());
+      old[kReplacing] = false;
+      // The old worker died and its replacement failed: restart the slot.
+      if (old.isDead() && policy && !shutdownPromise && !suspended && !old.exitedAfterDisconnect) {
+        restartLater(old[primary.kSlot], old[primary.kEnv], Date.now() - old[primary.kStarted],
+                     { id: old.id, code: old.process.exitCode, signal: old.process.signalCode });
+      }
       throw err;
     }
     fresh[kCandidate] = false;
@@ -244,16 +312,31 @@ function createSupervisor(primary) {
 
   function reload() {
     if (reloadPromise) return reloadPromise;
+    const shutdownsBefore = shutdowns;
+    const aborted = () => Object.assign(new Error('cluster-rs: reload stopped by shutdown()'),
+                                        { code: 'ERR_CLUSTER_RS_RELOAD_ABORTED' });
     reloadPromise = (async () => {
       for (const old of Object.values(cluster.workers)) {
+        if (shutdowns !== shutdownsBefore) throw aborted();
         if (old.isDead() || !old.isConnected() || old.exitedAfterDisconnect) continue;
         await replace(old);
       }
+      if (shutdowns !== shutdownsBefore) throw aborted();
     })().finally(() => { reloadPromise = null; });
     return reloadPromise;
   }
 
-  return { configure, onExit, shutdown, reload };
+  // cluster.disconnect(): no restarts, scheduled or new, until it is done.
+  function suspend() {
+    suspended = true;
+    cancelRestarts();
+  }
+
+  function resume() {
+    suspended = false;
+  }
+
+  return { configure, onExit, shutdown, reload, suspend, resume };
 }
 
 module.exports = { createSupervisor, validateSettings };

@@ -45,7 +45,8 @@ if (isPrimary) {
         const max: number | undefined = r.maxRestarts;
         void max;
     }
-    const signals: NodeJS.Signals[] | undefined = cluster.settings.shutdownOn;
+    const signals: NodeJS.Signals | NodeJS.Signals[] | undefined = cluster.settings.shutdownOn;
+    cluster.setupPrimary({ shutdownOn: 'SIGTERM' });
     const timeout: number | undefined = cluster.settings.shutdownTimeout;
     void [signals, timeout];
 

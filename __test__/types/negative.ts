@@ -19,8 +19,8 @@ cluster.setupPrimary({ restart: { delay: '1s' } });
 cluster.setupPrimary({ restart: { retries: 3 } });
 // expect-error: not a signal name
 cluster.setupPrimary({ shutdownOn: ['SIGFOO'] });
-// expect-error: shutdownOn takes an array
-cluster.setupPrimary({ shutdownOn: 'SIGTERM' });
+// expect-error: shutdownOn takes signal names, not numbers
+cluster.setupPrimary({ shutdownOn: [15] });
 // expect-error: reloadOn takes signal names
 cluster.setupPrimary({ reloadOn: 'HUP' });
 // expect-error: waitReady is a boolean
