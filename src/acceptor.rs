@@ -183,7 +183,7 @@ impl Acceptor {
                         // after this sees a waiter and signals. The timer
                         // wakes us to excuse whoever still holds us back.
                         self.waiting_since = Some(now);
-                        self.table.add_waiter();
+                        self.table.add_waiter(self.slot);
                         self.arm(EXCUSE_AFTER);
                         continue;
                     }
@@ -256,7 +256,7 @@ impl Acceptor {
 
     fn stop_waiting(&mut self) {
         if self.waiting_since.take().is_some() {
-            self.table.remove_waiter();
+            self.table.remove_waiter(self.slot);
         }
     }
 

@@ -269,11 +269,20 @@ impl Listener {
         self.ledger.is_some()
     }
 
+    /// `channel`'s worker has exited: what its ledger slot still held goes.
+    fn forget(&mut self, channel: u32) {
+        self.detach(channel);
+        if let Some(ledger) = self.ledger.as_mut() {
+            ledger.forget(channel);
+        }
+    }
+
     /// Under the ledger: a slot for `channel` and the lease that tells it so.
     fn lease(&mut self, listener: u32, channel: u32) -> Option<(Record, Vec<OwnedFd>)> {
         self.ledger.as_mut()?.lease(listener, channel, &self.socket.fd)
     }
 
+    /// `channel` no longer takes connections here (see also `forget`).
     fn detach(&mut self, channel: u32) {
         if let Some(ledger) = self.ledger.as_mut() {
             ledger.release(channel);
@@ -441,7 +450,12 @@ impl Loop {
                 }
                 self.listeners.values_mut().for_each(|l| l.detach(id));
             }
-            Command::RemoveChannel { id } => self.remove_channel(id),
+            Command::RemoveChannel { id } => {
+                self.remove_channel(id);
+                // Also when a broken channel was removed before: the worker
+                // may have run until now.
+                self.listeners.values_mut().for_each(|l| l.forget(id));
+            }
             Command::AddListener { id, listening, ledger } => {
                 self.listeners.insert(
                     id,
@@ -695,7 +709,13 @@ mod ledger_share {
         table: SharedTable,
         memfd: OwnedFd,
         progress: OwnedFd,
+        /// Channel -> slot: leased, the worker accepts (or will).
         slots: HashMap<u32, usize>,
+        /// Channel -> slot: released, but its worker may still be running.
+        /// Its late writes to the table (a lease it attaches after all, a
+        /// `leave` when it closes its server) must not meet another worker in
+        /// the slot, so nobody else gets it until the channel is removed.
+        reserved: HashMap<u32, usize>,
     }
 
     impl ListenerLedger {
@@ -704,7 +724,7 @@ mod ledger_share {
             let progress = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .syscall("eventfd")?
                 .into();
-            Ok(ListenerLedger { table, memfd, progress, slots: HashMap::new() })
+            Ok(ListenerLedger { table, memfd, progress, slots: HashMap::new(), reserved: HashMap::new() })
         }
 
         /// A slot for `channel` and the lease record with its descriptors;
@@ -713,12 +733,22 @@ mod ledger_share {
             if self.slots.contains_key(&channel) {
                 return None;
             }
-            let slot = self.table.free_slot(|i| self.slots.values().any(|&s| s == i))?;
+            // A worker that listens again gets its own slot back.
+            let slot = match self.reserved.remove(&channel) {
+                Some(slot) => slot,
+                None => {
+                    let taken = |i| self.slots.values().chain(self.reserved.values()).any(|&s| s == i);
+                    self.table.free_slot(taken)?
+                }
+            };
             let fds = [socket, &self.memfd, &self.progress]
                 .iter()
                 .map(|fd| sys::dup_cloexec(fd.as_raw_fd()))
-                .collect::<SysResult<Vec<OwnedFd>>>()
-                .ok()?;
+                .collect::<SysResult<Vec<OwnedFd>>>();
+            let Ok(fds) = fds else {
+                self.reserved.insert(channel, slot);
+                return None;
+            };
             // The worker takes the slot (`Table::attach`) once it can accept.
             self.slots.insert(channel, slot);
             Some((Record::Lease { listener, slot: slot as u32 }, fds))
@@ -729,8 +759,67 @@ mod ledger_share {
         pub fn release(&mut self, channel: u32) {
             if let Some(slot) = self.slots.remove(&channel) {
                 self.table.detach(slot);
+                self.reserved.insert(channel, slot);
                 signal_progress(self.progress.as_fd());
             }
+        }
+
+        /// `channel`'s worker is gone: its slot is free for others, and it
+        /// no longer counts, even if it left while waiting or attached late.
+        pub fn forget(&mut self, channel: u32) {
+            self.release(channel);
+            if let Some(slot) = self.reserved.remove(&channel) {
+                self.table.detach(slot);
+                self.table.remove_waiter(slot);
+                signal_progress(self.progress.as_fd());
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Any descriptor will do as the listening socket a lease dups.
+        fn socket() -> OwnedFd {
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap().into()
+        }
+
+        fn slot_of(lease: Option<(Record, Vec<OwnedFd>)>) -> u32 {
+            match lease {
+                Some((Record::Lease { slot, .. }, fds)) => {
+                    assert_eq!(fds.len(), 3);
+                    slot
+                }
+                _ => panic!("no lease"),
+            }
+        }
+
+        #[test]
+        fn a_released_slot_is_nobody_elses_until_its_worker_is_gone() {
+            let (mut ledger, socket) = (ListenerLedger::create().unwrap(), socket());
+            assert_eq!(slot_of(ledger.lease(7, 1, &socket)), 0);
+            // Worker 1 is disconnected; it may accept, or leave, for a while yet.
+            ledger.release(1);
+            assert_eq!(slot_of(ledger.lease(7, 2, &socket)), 1, "slot 0 is still worker 1's");
+            assert_eq!(slot_of(ledger.lease(7, 1, &socket)), 0, "listening again, worker 1 gets its own back");
+            ledger.release(1);
+            // Worker 1 has exited.
+            ledger.forget(1);
+            assert_eq!(slot_of(ledger.lease(7, 3, &socket)), 0);
+        }
+
+        #[test]
+        fn a_worker_that_died_waiting_stops_counting_as_a_waiter() {
+            let (mut ledger, socket) = (ListenerLedger::create().unwrap(), socket());
+            let slot = slot_of(ledger.lease(7, 1, &socket)) as usize;
+            ledger.table.attach(slot);
+            ledger.table.add_waiter(slot);
+            ledger.table.add_waiter(slot); // one wait, counted once
+            assert_eq!(ledger.table.waiters(), 1);
+            // It dies before it could remove itself; the primary removes its channel.
+            ledger.forget(1);
+            assert_eq!(ledger.table.waiters(), 0, "every accept would still wake all workers");
         }
     }
 }
@@ -758,6 +847,10 @@ mod ledger_share {
         }
 
         pub fn release(&mut self, _: u32) {
+            match *self {}
+        }
+
+        pub fn forget(&mut self, _: u32) {
             match *self {}
         }
     }

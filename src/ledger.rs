@@ -51,7 +51,9 @@ const EXCUSED: u32 = 2;
 pub struct Slot {
     accepted: AtomicU64,
     state: AtomicU32,
-    _pad: u32,
+    /// 1 while the slot's worker counts in `Table::waiters`: a worker that
+    /// dies waiting is taken out of the count by the primary (`clear_waiter`).
+    waiting: AtomicU32,
 }
 
 #[repr(C)]
@@ -88,7 +90,11 @@ impl Table {
             spells: AtomicU64::new(0),
             backlog: AtomicU32::new(0),
             _pad: 0,
-            slots: std::array::from_fn(|_| Slot { accepted: AtomicU64::new(0), state: AtomicU32::new(FREE), _pad: 0 }),
+            slots: std::array::from_fn(|_| Slot {
+                accepted: AtomicU64::new(0),
+                state: AtomicU32::new(FREE),
+                waiting: AtomicU32::new(0),
+            }),
         })
     }
 
@@ -239,12 +245,19 @@ impl Table {
             .count()
     }
 
-    pub fn add_waiter(&self) {
-        self.waiters.fetch_add(1, SeqCst);
+    /// The worker in `slot` waits for the others to catch up.
+    pub fn add_waiter(&self, slot: usize) {
+        if self.slots[slot].waiting.swap(1, SeqCst) == 0 {
+            self.waiters.fetch_add(1, SeqCst);
+        }
     }
 
-    pub fn remove_waiter(&self) {
-        self.waiters.fetch_sub(1, SeqCst);
+    /// The worker in `slot` no longer waits; also the primary's, for a
+    /// worker that died waiting.
+    pub fn remove_waiter(&self, slot: usize) {
+        if self.slots[slot].waiting.swap(0, SeqCst) == 1 {
+            self.waiters.fetch_sub(1, SeqCst);
+        }
     }
 
     pub fn waiters(&self) -> u32 {
