@@ -11,10 +11,10 @@
 //! declined instead of mispaired.
 
 use std::collections::VecDeque;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{OwnedFd, RawFd};
 
-use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{self, ControlMessage, MsgFlags};
 
 use crate::sys::{self, SysResult, Syscall};
 
@@ -171,19 +171,54 @@ pub fn send(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> SysResult<usize> {
 /// of stream. Received fds are owned and close-on-exec before anything else
 /// sees them.
 pub fn recv(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> SysResult<Received> {
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MSG]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = socket::recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), sys::recv_cloexec_flags()).syscall("recvmsg")?;
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                fds.extend(sys::adopt_received(&raw));
-            }
+    recv_with_room(fd, buf, fds, MAX_FDS_PER_MSG)
+}
+
+/// `recv` with room for `room` descriptors.
+///
+/// Our peer never sends more than MAX_FDS_PER_MSG, so a truncated read
+/// (MSG_CTRUNC) means we ran out of descriptors while the kernel installed
+/// them: it installs what it can, and those are ours to own (and close) even
+/// so. nix's `RecvMsg::cmsgs()` refuses to walk a truncated control buffer,
+/// hence the walk by hand.
+fn recv_with_room(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>, room: usize) -> SysResult<Received> {
+    let fd_len = std::mem::size_of::<RawFd>();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((room * fd_len) as u32) } as usize;
+    // u64 elements: the buffer is aligned for `cmsghdr`.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points at `iov` (over `buf`) and `control`, both alive
+    // and of the lengths given, for the duration of the call.
+    let read = unsafe { libc::recvmsg(fd, &mut msg, sys::recv_cloexec_flags().bits()) };
+    let read = nix::errno::Errno::result(read).syscall("recvmsg")?;
+    // SAFETY: the kernel filled `control` and set msg_controllen; the first
+    // header, if any, lies within it.
+    let mut header = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !header.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR only return headers that lie
+        // within msg_controllen.
+        let (level, kind, len) = unsafe { ((*header).cmsg_level, (*header).cmsg_type, (*header).cmsg_len as usize) };
+        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN only computes a size.
+            let count = len.saturating_sub(unsafe { libc::CMSG_LEN(0) } as usize) / fd_len;
+            // SAFETY: an SCM_RIGHTS payload of `len` bytes holds `count`
+            // descriptors, possibly unaligned.
+            let raw: Vec<RawFd> = (0..count)
+                .map(|i| unsafe { libc::CMSG_DATA(header).cast::<RawFd>().add(i).read_unaligned() })
+                .collect();
+            fds.extend(sys::adopt_received(&raw));
         }
+        // SAFETY: `header` is a valid header within `msg`'s control buffer.
+        header = unsafe { libc::CMSG_NXTHDR(&msg, header) };
     }
-    // Our peer never sends more than MAX_FDS_PER_MSG, so truncation means we
-    // had no descriptors left to receive into.
-    Ok(Received { bytes: msg.bytes, truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC) })
+    Ok(Received { bytes: read as usize, truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 })
 }
 
 #[cfg(test)]
@@ -274,6 +309,35 @@ mod tests {
         assert_eq!(&two, b"hi");
         let flags = nix::fcntl::fcntl(first.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
         assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fds must be close-on-exec");
+    }
+
+    #[test]
+    fn a_truncated_read_still_owns_the_descriptors_that_did_arrive() {
+        let (sa, sb) = sys::stream_pair().unwrap();
+        let peers: Vec<(OwnedFd, OwnedFd)> = (0..3).map(|_| sys::stream_pair().unwrap()).collect();
+        let raw: Vec<RawFd> = peers.iter().map(|(p, _)| p.as_raw_fd()).collect();
+        let bytes = encode_all(&[
+            Record::Conn { listener: 1, seq: 1 },
+            Record::Conn { listener: 1, seq: 2 },
+            Record::Conn { listener: 1, seq: 3 },
+        ]);
+        assert_eq!(send(sa.as_raw_fd(), &bytes, &raw).unwrap(), bytes.len());
+        // Room for two: the kernel installs two and truncates.
+        let mut buf = [0u8; 64];
+        let mut got = Vec::new();
+        let received = recv_with_room(sb.as_raw_fd(), &mut buf, &mut got, 2).unwrap();
+        assert!(received.truncated);
+        assert_eq!(got.len(), 2, "the two installed descriptors are ours (and closed with us)");
+        let mut d = Decoder::default();
+        d.push(&buf[..received.bytes], got, true);
+        let mut out = Vec::new();
+        d.drain(&mut out);
+        let fds: Vec<Option<usize>> = out.iter().map(|i| i.fds.as_ref().map(|f| f.len())).collect();
+        assert_eq!(fds, vec![Some(1), Some(1), None]);
+        // In order: the first one is the first socket sent.
+        nix::unistd::write(peers[0].1.as_fd(), b"1").unwrap();
+        let mut one = [0u8; 1];
+        assert_eq!(nix::unistd::read(out[0].fds.as_ref().unwrap()[0].as_fd(), &mut one).unwrap(), 1);
     }
 
     #[test]
