@@ -4,6 +4,7 @@
 
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
+const http = require('node:http');
 const { runPrimary, runOk, one, killAll, waitGone, alive, DISPATCH, LEDGER } = require('./helpers.js');
 
 after(killAll);
@@ -31,6 +32,38 @@ for (const module of ['rs', 'node']) {
   test(`workers exit when the primary is SIGKILLed (${module})`, async () => {
     const pids = await killPrimary(module);
     try {
+      await waitGone(pids, 5000);
+    } finally {
+      for (const pid of pids) if (alive(pid)) process.kill(pid, 'SIGKILL');
+    }
+  });
+}
+
+// A worker the primary disconnected is draining, not orphaned: the
+// parent-death signal no longer applies to it.
+for (const module of ['rs', 'node']) {
+  test(`a disconnected worker finishes its request after the primary exits (${module})`, async () => {
+    let reply;
+    let pids = [];
+    const result = await runPrimary('orphans.js', ['drain'], {
+      module,
+      keepGroup: true,
+      onMessage(m) {
+        if (m.ev !== 'ready') return;
+        pids = m.pids;
+        reply = new Promise((resolve) => {
+          http.get({ host: '127.0.0.1', port: m.port, agent: false }, (res) => {
+            let body = '';
+            res.setEncoding('utf8');
+            res.on('data', (chunk) => { body += chunk; });
+            res.on('end', () => resolve(body));
+          }).on('error', (err) => resolve(err.code));
+        });
+      },
+    });
+    try {
+      assert.equal(result.code, 0, result.describe());
+      assert.equal(await reply, 'late');
       await waitGone(pids, 5000);
     } finally {
       for (const pid of pids) if (alive(pid)) process.kill(pid, 'SIGKILL');

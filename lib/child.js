@@ -228,6 +228,8 @@ function send(message, cb) {
 
 function disconnectWorker(primaryInitiated) {
   this.exitedAfterDisconnect = true;
+  // Draining now, no longer an orphan to be: outlive the primary if need be.
+  native.workerUnguard();
   let waiting = 1;
 
   function checkWaiting() {

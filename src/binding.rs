@@ -673,3 +673,13 @@ pub fn worker_guard(primary_pid: i32) -> bool {
     }
     primary_pid > 0 && nix::unistd::getppid().as_raw() != primary_pid
 }
+
+/// Unties a worker that is leaving by disconnect: it finishes what it serves
+/// even if the primary exits first, as node:cluster's workers do.
+#[napi]
+pub fn worker_unguard() {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let _ = nix::sys::prctl::set_pdeathsig(None);
+    }
+}
