@@ -1,6 +1,7 @@
 'use strict';
-// Loaded with `--require` into every worker a cluster-rs primary forks,
-// before the application's own code. It makes this process a cluster worker
+// Loaded with `--require` (first in NODE_OPTIONS) into every worker a
+// cluster-rs primary forks, before any other preloaded module and the
+// application's own code. It makes this process a cluster worker
 // the way Node's bootstrap does for node:cluster workers: the built-in module
 // reports isWorker, routes net/dgram listens to our _getServer, and the
 // worker says 'online'. Apps that never require cluster-rs work unchanged.
@@ -9,6 +10,19 @@ const { ENV } = require('./protocol.js');
 
 const WORKER = Symbol.for('cluster-rs.worker');
 const id = process.env[ENV.WORKER_ID];
+
+// NODE_OPTIONS as the app gave it: without us, for the app and its children.
+if (process.env[ENV.NODE_OPTIONS] !== undefined) {
+  let own = null;
+  try {
+    own = JSON.parse(process.env[ENV.NODE_OPTIONS]);
+  } catch {
+    // Not ours to read: leave NODE_OPTIONS unset.
+  }
+  if (typeof own === 'string') process.env.NODE_OPTIONS = own;
+  else delete process.env.NODE_OPTIONS;
+  delete process.env[ENV.NODE_OPTIONS];
+}
 
 if (id !== undefined && globalThis[WORKER] === undefined) {
   const channelFd = Number.parseInt(process.env[ENV.CHANNEL_FD], 10);
@@ -22,10 +36,6 @@ if (id !== undefined && globalThis[WORKER] === undefined) {
   const native = require('./native.js');
   delete process.env[ENV.ADDON];
   if (native.workerGuard(primaryPid)) process.exit(0);
-
-  // Hide our --require from the app and from children it forks.
-  const at = process.execArgv.findIndex((arg, i) => arg === '--require' && process.execArgv[i + 1] === __filename);
-  if (at !== -1) process.execArgv.splice(at, 2);
 
   // The built-in module, completed as a worker (see child.js): net and dgram
   // ask it for server handles.

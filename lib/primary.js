@@ -166,7 +166,7 @@ function retireChannel(worker) {
 
 function createWorkerProcess(id, workerEnv, channel) {
   const settings = cluster.settings;
-  const execArgv = ['--require', PRELOAD, ...settings.execArgv];
+  const execArgv = [...settings.execArgv];
 
   if (settings.inspectPort === null) throw badPort('Port', null, true);
   if (usesInspector(settings.execArgv)) {
@@ -183,6 +183,13 @@ function createWorkerProcess(id, workerEnv, channel) {
   };
   if (native.addonFile) env[ENV.ADDON] = native.addonFile;
   else delete env[ENV.ADDON];
+  // The preload goes first in NODE_OPTIONS: Node runs those --require
+  // modules before the command line's, and ours must make the process a
+  // worker before any other preloaded module (an APM agent, say) looks at
+  // node:cluster. The preload puts NODE_OPTIONS back as it was.
+  env[ENV.NODE_OPTIONS] = JSON.stringify(env.NODE_OPTIONS ?? null);
+  env.NODE_OPTIONS = `--require "${PRELOAD.replace(/["\\]/g, '\\$&')}"` +
+    (env.NODE_OPTIONS ? ` ${env.NODE_OPTIONS}` : '');
   return fork(settings.exec, settings.args, {
     cwd: settings.cwd,
     env,

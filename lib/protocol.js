@@ -17,6 +17,7 @@ const ENV = {
   CHANNEL_FD: 'CLUSTER_RS_CHANNEL_FD',
   PRIMARY_PID: 'CLUSTER_RS_PRIMARY_PID',
   ADDON: 'CLUSTER_RS_ADDON',
+  NODE_OPTIONS: 'CLUSTER_RS_NODE_OPTIONS', // the worker's own, as JSON (null: unset)
 };
 
 const callbacks = new Map();
