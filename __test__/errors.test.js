@@ -47,6 +47,21 @@ for (const policy of ['rr', 'none']) {
   }
 }
 
+for (const policy of ['rr', 'none']) {
+  test(`a Unix socket in a missing directory, a descriptor not open: the errors node:cluster gives (${policy})`,
+       async () => {
+         const env = { NODE_CLUSTER_SCHED_POLICY: policy };
+         const [rs, node] = await Promise.all(['rs', 'node'].map((module) => runOk('listen-errors.js', [],
+                                                                                    { module, env })));
+         assert.deepEqual(one(rs, 'result'), one(node, 'result'));
+         assert.deepEqual(one(rs, 'result').errors, {
+           // libuv reports a pipe bound in a missing directory as EACCES.
+           missingDir: { code: 'EACCES', errno: -13, syscall: 'bind' },
+           closedFd: { code: 'EINVAL', errno: -22, syscall: 'bind' },
+         });
+       });
+}
+
 test('EADDRINUSE from a worker\'s dgram bind', async () => {
   const socket = dgram.createSocket('udp4');
   await new Promise((resolve) => socket.bind(0, '127.0.0.1', resolve));

@@ -203,7 +203,11 @@ pub fn bind_unix(
 ) -> SysResult<Listening> {
     let (addr, file) = unix_addr(path)?;
     let fd = sys::socket(AddressFamily::Unix, SockType::Stream)?;
-    socket::bind(fd.as_raw_fd(), &addr).syscall("bind")?;
+    socket::bind(fd.as_raw_fd(), &addr).syscall("bind").map_err(|e| match e.errno {
+        // As libuv's uv_pipe_bind reports a missing directory.
+        Errno::ENOENT => SysError { errno: Errno::EACCES, ..e },
+        _ => e,
+    })?;
     let listening = Listening { fd, unlink_on_close: UnlinkOnDrop(file) };
     if let Some(n) = listen_backlog {
         start_listening(&listening.fd, n)?;
@@ -234,7 +238,11 @@ fn chmod_all(path: &str, readable: bool, writable: bool) -> SysResult<()> {
 /// Adopts a socket the application passed by number (`listen({ fd })`): a
 /// close-on-exec duplicate that listens, so the original stays the app's.
 pub fn listen_fd(fd: RawFd, n: i32) -> SysResult<Listening> {
-    let fd = sys::dup_cloexec(fd)?;
+    let fd = sys::dup_cloexec(fd).map_err(|e| match e.errno {
+        // Not open: EINVAL, as Node's own listen({ fd }) says.
+        Errno::EBADF => SysError { syscall: "listen", errno: Errno::EINVAL },
+        _ => e,
+    })?;
     let ty: SockType = socket::getsockopt(&fd, sockopt::SockType).syscall("getsockopt")?;
     if ty != SockType::Stream {
         return Err(SysError { syscall: "listen", errno: Errno::EINVAL });
@@ -364,6 +372,7 @@ mod tests {
     fn listen_fd_rejects_a_datagram_socket_and_bad_numbers() {
         let udp = bind_udp(&loopback(0)).unwrap();
         assert_eq!(listen_fd(udp.as_raw_fd(), 8).unwrap_err().errno, Errno::EINVAL);
-        assert_eq!(listen_fd(987_654, 8).unwrap_err().errno, Errno::EBADF);
+        // Not open: EINVAL, as Node's own listen({ fd }) reports it.
+        assert_eq!(listen_fd(987_654, 8).unwrap_err().errno, Errno::EINVAL);
     }
 }
