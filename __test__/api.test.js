@@ -155,6 +155,16 @@ test('a module preloaded through NODE_OPTIONS already finds the worker side of n
   }
 });
 
+test('in the primary, node:cluster is the same object: a library using it sees the workers and events', async () => {
+  const [rs, node] = await both('api.js', ['builtin']);
+  for (const r of [rs, node]) {
+    assert.deepEqual(one(r, 'builtin'), {
+      ev: 'builtin', same: true, seen: ['fork 1', 'message from 1'], body: 'worker 1', fork: true,
+      workers: ['1'], settings: true,
+    });
+  }
+});
+
 // What napi-rs calls this platform's build, and its per-platform package in npm/.
 const TRIPLE = `${process.platform}-${process.arch}${process.platform === 'linux' ? '-gnu' : ''}`;
 

@@ -15,7 +15,12 @@ const { RoundRobinHandle, SharedHandle, ReusePortHandle } = require('./primary-h
 const { createSupervisor, validateSettings } = require('./supervisor.js');
 const { badPort, validatePort, systemError } = require('./errors.js');
 
-const cluster = new EventEmitter();
+// node:cluster's own primary-side object (an EventEmitter), taken over: our
+// members replace its own below, so that `require('node:cluster')` and
+// `require('cluster-rs')` are one object in the primary, as they are in a
+// worker. Libraries that use node:cluster (metrics aggregators, sticky
+// sessions) then see our workers and events.
+const cluster = require('node:cluster');
 const intercom = new EventEmitter();
 const SCHED_NONE = 1;
 const SCHED_RR = 2;
@@ -441,5 +446,9 @@ cluster._dispatchStats = function dispatchStats() {
   }
   return out;
 };
+
+// `import { fork } from 'node:cluster'` done before we took the object over
+// gets our members too.
+require('node:module').syncBuiltinESMExports();
 
 module.exports = cluster;
