@@ -384,7 +384,9 @@ impl Loop {
         let mut fds = vec![PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
         if !self.starved {
             for (&id, l) in &self.listeners {
-                if l.pending.is_empty() && self.room(l) > 0 && !l.leased() {
+                // After `dispatch`, what still waits with room left is for
+                // busy workers only: accepting more is for the others.
+                if self.room(l) > 0 && !l.leased() {
                     tokens.push(Token::Listener(id));
                     fds.push(PollFd::new(l.socket.fd.as_fd(), PollFlags::POLLIN));
                 }
@@ -534,23 +536,32 @@ impl Loop {
         let ids: Vec<u32> = self.listeners.iter().filter(|(_, l)| !l.pending.is_empty()).map(|(&id, _)| id).collect();
         let limit = self.window as u64 * CATCH_UP_WINDOWS;
         for id in ids {
+            // In order, but past a connection that only busy workers may
+            // take (the others declined it): it waits, the rest go on.
+            let mut at = 0;
             loop {
                 let l = self.listeners.get(&id).unwrap();
-                let Some(head) = l.pending.front() else { break };
+                let Some(conn) = l.pending.get(at) else { break };
                 let n = l.members.len();
-                if n > 0 && l.members.iter().all(|m| head.declined_by.contains(m)) {
-                    self.listeners.get_mut(&id).unwrap().pending.pop_front();
+                if n > 0 && l.members.iter().all(|m| conn.declined_by.contains(m)) {
+                    self.listeners.get_mut(&id).unwrap().pending.remove(at); // closed
                     continue;
                 }
                 let pick = (0..n)
                     .map(|k| (l.cursor + k) % n)
-                    .filter(|&i| !head.declined_by.contains(&l.members[i]) && self.has_room(l.members[i]))
+                    .filter(|&i| !conn.declined_by.contains(&l.members[i]) && self.has_room(l.members[i]))
                     .min_by_key(|&i| l.offered[i]); // the first of equals: round-robin
-                let Some(index) = pick else { break };
+                let Some(index) = pick else {
+                    if self.room(l) == 0 {
+                        break;
+                    }
+                    at += 1;
+                    continue;
+                };
                 let l = self.listeners.get_mut(&id).unwrap();
                 let channel_id = l.members[index];
                 l.offer(index, limit);
-                let conn = l.pending.pop_front().unwrap();
+                let conn = l.pending.remove(at).unwrap();
                 let seq = self.next_seq;
                 self.next_seq = self.next_seq.wrapping_add(1) & !DIRECT;
                 let c = self.channels.get_mut(&channel_id).unwrap();
@@ -1183,6 +1194,27 @@ mod tests {
         let mut s1 = b.accept();
         assert_connected(&mut first, &mut s1);
         assert!(a.try_next(Duration::from_millis(100)).is_none(), "offered to the decliner again");
+    }
+
+    #[test]
+    fn a_declined_connection_waiting_for_a_stuck_worker_holds_up_no_others() {
+        let (d, l, port) = setup(1);
+        let workers = [worker(&d, l), worker(&d, l)];
+        // The first connection fills one worker's window: it is stuck.
+        let _first = connect(port);
+        let (stuck, _) = offered(&[&workers[0], &workers[1]]);
+        let free = &workers[1 - stuck];
+        // The other declines the second: only the stuck worker may take it.
+        let _second = connect(port);
+        let (seq, _) = free.next();
+        free.channel.settle(&[], &[seq]).unwrap();
+        // A third client is for the worker with room.
+        let mut third = connect(port);
+        let (seq, fd) = free.try_next(Duration::from_secs(2)).expect("the listener stopped behind the declined one");
+        free.channel.settle(&[seq], &[]).unwrap();
+        // SAFETY: settled as accepted, so the fd is ours.
+        let mut server = unsafe { TcpStream::from_raw_fd(fd) };
+        assert_connected(&mut third, &mut server);
     }
 
     /// Waits until one of `workers` is offered a connection; returns which, and it.
