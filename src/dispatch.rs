@@ -685,6 +685,10 @@ impl Loop {
     }
 
     fn remove_channel(&mut self, id: u32) {
+        // What the worker wrote before it went is still there to read: its
+        // last acknowledgements say which connections it took, and those
+        // must not go to another worker.
+        self.read_channel(id);
         let Some(c) = self.channels.remove(&id) else { return };
         self.listeners.values_mut().for_each(|l| l.detach(id));
         let mut held: Vec<(u32, Conn)> = c.held.into_iter().collect();
@@ -1215,6 +1219,62 @@ mod tests {
         // SAFETY: settled as accepted, so the fd is ours.
         let mut server = unsafe { TcpStream::from_raw_fd(fd) };
         assert_connected(&mut third, &mut server);
+    }
+
+    /// The dispatcher's loop without its thread, for tests that take it
+    /// step by step.
+    fn bare_loop(window: usize) -> Loop {
+        let (_, wake) = sys::stream_pair().unwrap();
+        let (_, commands) = mpsc::channel();
+        Loop {
+            wake,
+            commands,
+            window,
+            quiet: Duration::MAX,
+            listeners: HashMap::new(),
+            channels: HashMap::new(),
+            next_seq: 0,
+            starved: false,
+        }
+    }
+
+    #[test]
+    fn a_connection_a_worker_took_just_before_it_went_is_not_handed_on() {
+        let mut lp = bare_loop(4);
+        let spec = InetSpec {
+            host: Some(Ipv4Addr::LOCALHOST.into()),
+            scope_id: 0,
+            port: 0,
+            ipv6_only: false,
+            reuse_addr: false,
+            reuse_port: false,
+        };
+        let listening = sockets::listen_tcp(&spec, 64).unwrap();
+        let port = sockets::sockname(&listening.fd).unwrap().unwrap().port;
+        lp.apply(Command::AddListener { id: 1, listening, ledger: None });
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        lp.apply(Command::AddChannel { id: 10, fd: primary_end });
+        let worker = WorkerChannel::new(worker_end).unwrap();
+        worker.ready(1).unwrap();
+        lp.read_channel(10);
+        let _client = connect(port);
+        wait_for(|| {
+            lp.accept_from(1);
+            !lp.listeners[&1].pending.is_empty()
+        });
+        lp.dispatch();
+        lp.flush();
+        let mut batch = Vec::new();
+        worker.drain(&mut batch, &mut Vec::new()).unwrap();
+        assert_eq!(batch.len(), 3);
+        // The worker takes it and exits; its primary removes the channel
+        // before the loop has read the acknowledgement.
+        worker.settle(&[batch[1]], &[]).unwrap();
+        // SAFETY: settled as accepted, so the fd is ours to close.
+        drop(unsafe { OwnedFd::from_raw_fd(batch[2] as i32) });
+        drop(worker);
+        lp.apply(Command::RemoveChannel { id: 10 });
+        assert!(lp.listeners[&1].pending.is_empty(), "a connection the worker took was queued for another");
     }
 
     /// Waits until one of `workers` is offered a connection; returns which, and it.
