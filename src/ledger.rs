@@ -118,10 +118,15 @@ impl Table {
             .min()
     }
 
-    /// Primary: gives `slot` to a worker, level with the least-served active
-    /// worker so that it shares the next connections rather than taking them all.
+    /// Gives `slot` to a worker, level with the least-served active worker
+    /// so that it shares the next connections rather than taking them all;
+    /// with none active, level with the least-served excused one, which
+    /// rejoins at its own count.
     pub fn attach(&self, slot: usize) {
-        let start = self.floor(None).unwrap_or(0);
+        let excused = || {
+            self.in_use().iter().filter(|s| s.state.load(SeqCst) == EXCUSED).map(|s| s.accepted.load(SeqCst)).min()
+        };
+        let start = self.floor(None).or_else(excused).unwrap_or(0);
         let s = &self.slots[slot];
         s.accepted.store(start, SeqCst);
         s.state.store(ACTIVE, SeqCst);
@@ -393,6 +398,20 @@ mod tests {
         assert_eq!(t.allowance(2, false, 64), 0, "slot 1 first among equals");
         assert_eq!(t.allowance(1, false, 64), 1);
         assert_eq!(t.allowance(0, true, 64), 4);
+    }
+
+    #[test]
+    fn a_worker_that_joins_while_the_others_are_excused_starts_level_with_them() {
+        let t = table(2);
+        t.record(1, 1_000_000);
+        // Slot 0 excused slot 1 (stuck), then left; a replacement takes slot 0.
+        t.record(0, 1_000_001);
+        assert_eq!(t.excuse_laggards(0, false, 64), 1);
+        t.detach(0);
+        t.attach(0);
+        assert_eq!(t.accepted(0), 1_000_000, "at 0 it would take every turn until it caught up");
+        // Then the two take turns, the lower slot first among equals.
+        assert_eq!(turns(&t, 2, 4), vec![0, 1, 0, 1]);
     }
 
     #[test]
