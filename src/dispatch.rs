@@ -997,8 +997,8 @@ mod tests {
         setup_with(window, quiet, 0)
     }
 
-    fn setup_with(window: usize, quiet: Duration, first_seq: u32) -> (Dispatcher, u32, u16) {
-        let d = Dispatcher::start_with(window, Balance::Dispatch, quiet, first_seq).unwrap();
+    /// A listening socket on 127.0.0.1 and its port.
+    fn loopback_listener() -> (Listening, u16) {
         let spec = InetSpec {
             host: Some(Ipv4Addr::LOCALHOST.into()),
             scope_id: 0,
@@ -1009,6 +1009,12 @@ mod tests {
         };
         let listening = sockets::listen_tcp(&spec, 64).unwrap();
         let port = sockets::sockname(&listening.fd).unwrap().unwrap().port;
+        (listening, port)
+    }
+
+    fn setup_with(window: usize, quiet: Duration, first_seq: u32) -> (Dispatcher, u32, u16) {
+        let d = Dispatcher::start_with(window, Balance::Dispatch, quiet, first_seq).unwrap();
+        let (listening, port) = loopback_listener();
         let id = d.next_id();
         d.add_listener(id, listening, true);
         (d, id, port)
@@ -1241,16 +1247,7 @@ mod tests {
     #[test]
     fn a_connection_a_worker_took_just_before_it_went_is_not_handed_on() {
         let mut lp = bare_loop(4);
-        let spec = InetSpec {
-            host: Some(Ipv4Addr::LOCALHOST.into()),
-            scope_id: 0,
-            port: 0,
-            ipv6_only: false,
-            reuse_addr: false,
-            reuse_port: false,
-        };
-        let listening = sockets::listen_tcp(&spec, 64).unwrap();
-        let port = sockets::sockname(&listening.fd).unwrap().unwrap().port;
+        let (listening, port) = loopback_listener();
         lp.apply(Command::AddListener { id: 1, listening, ledger: None });
         let (primary_end, worker_end) = sys::stream_pair().unwrap();
         lp.apply(Command::AddChannel { id: 10, fd: primary_end });
