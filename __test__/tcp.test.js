@@ -22,7 +22,12 @@ for (const balance of ['ledger', 'dispatch']) {
   test(`a 'connection' listener that throws leaves the rest of its batch to be served (${balance})`, async () => {
     const [rs, node] = await both('tcp.js', ['throwing'], { env: { CLUSTER_RS_BALANCE: balance } });
     for (const result of [rs, node]) {
-      assert.deepEqual(one(result, 'result').answers, [...Array(7).fill('served'), 'threw'], result.describe());
+      // One 'threw' per worker that got connections (which worker gets how
+      // many depends on which one is back first); every other client served.
+      const { answers } = one(result, 'result');
+      const threw = answers.filter((a) => a === 'threw').length;
+      assert.ok(threw === 1 || threw === 2, result.describe());
+      assert.deepEqual(answers, [...Array(8 - threw).fill('served'), ...Array(threw).fill('threw')], result.describe());
     }
   });
 }
