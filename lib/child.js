@@ -202,16 +202,27 @@ function onBatch(batch) {
         continue;
       }
       accepted.push(seq);
-      entry.handle.onconnection(0, handle);
+      try {
+        entry.handle.onconnection(0, handle);
+      } catch (err) {
+        // A 'connection' listener threw. Under node:cluster each connection
+        // arrives in a message of its own, so the others are still served
+        // and the error surfaces as uncaught: the same here.
+        process.nextTick(rethrow, err);
+      }
     }
   } finally {
-    // After a throw (from a 'connection' listener, or while making a
-    // handle), what is left of the batch goes to another worker.
+    // After an unexpected throw (making a handle), what is left of the
+    // batch goes to another worker.
     for (let i = settled * 3; i + 2 < batch.length; i += 3) {
       if (!accepted.includes(batch[i + 1])) declined.push(batch[i + 1]);
     }
     native.workerSettle(accepted, declined);
   }
+}
+
+function rethrow(err) {
+  throw err;
 }
 
 // Not loaded before the app starts (see _setupWorker): it brings in
