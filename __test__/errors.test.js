@@ -6,6 +6,8 @@ const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
 const net = require('node:net');
 const dgram = require('node:dgram');
+const path = require('node:path');
+const { spawnSync } = require('node:child_process');
 const { runOk, one, killAll, hasIPv6Loopback } = require('./helpers.js');
 
 after(killAll);
@@ -97,4 +99,13 @@ test('no-host listen on a port held by an IPv6-only socket', async (t) => {
   assert.equal(one(node, 'result').code, 'EADDRINUSE');
   assert.equal(one(rs, 'result').outcome, 'error');
   assert.deepEqual(one(rs, 'result'), one(node, 'result'));
+});
+
+// With addons off, the package cannot work: it says so with Node's own
+// error, not with advice to build the addon.
+test('require(\'cluster-rs\') where addons are disabled throws ERR_DLOPEN_DISABLED', () => {
+  const code = `try { require(${JSON.stringify(path.resolve(__dirname, '..'))}); console.log('loaded'); }
+                catch (err) { console.log(err.code); }`;
+  const r = spawnSync(process.execPath, ['--no-addons', '-e', code], { encoding: 'utf8', timeout: 15000 });
+  assert.equal(r.stdout.trim(), 'ERR_DLOPEN_DISABLED', r.stderr);
 });

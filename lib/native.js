@@ -29,7 +29,10 @@ function load() {
     if (!file) continue;
     try {
       return open(file);
-    } catch {
+    } catch (err) {
+      // Addons are off (--no-addons, or --experimental-permission without
+      // --allow-addons): no other file would load either. Node's own error.
+      if (err.code === 'ERR_DLOPEN_DISABLED') throw err;
       // Moved or removed since the primary started, not built here, or
       // built for another libc: detect as usual.
     }
