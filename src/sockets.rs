@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, Backlog, SockType, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage, UnixAddr,
+    self, sockopt, AddressFamily, SockType, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage, UnixAddr,
 };
 
 use crate::sys::{self, SysError, SysResult, Syscall};
@@ -139,13 +139,21 @@ fn bind_any(ty: SockType, spec: &InetSpec) -> SysResult<OwnedFd> {
     }
 }
 
-fn backlog(n: i32) -> SysResult<Backlog> {
-    let n = if n <= 0 { DEFAULT_BACKLOG } else { n.min(Backlog::MAXCONN.into()) };
-    Backlog::new(n).syscall("listen")
+/// The backlog `listen(2)` gets for a requested `n`: as Node passes it, the
+/// kernel clamping it to its own limit (`net.core.somaxconn` on Linux), not
+/// to the compile-time SOMAXCONN, which a tuned host may well exceed.
+fn backlog(n: i32) -> i32 {
+    if n <= 0 {
+        DEFAULT_BACKLOG
+    } else {
+        n
+    }
 }
 
 fn start_listening(fd: &OwnedFd, n: i32) -> SysResult<()> {
-    socket::listen(fd, backlog(n)?).syscall("listen")
+    // SAFETY: listen(2) on a socket we own; any backlog value is valid.
+    let rc = unsafe { libc::listen(fd.as_raw_fd(), backlog(n)) };
+    Errno::result(rc).map(drop).syscall("listen")
 }
 
 /// A listening TCP socket for round-robin.
@@ -366,6 +374,16 @@ mod tests {
         start_listening(&b, 8).unwrap();
         spec.reuse_port = false;
         assert_eq!(bind_tcp(&spec).unwrap_err().errno, Errno::EADDRINUSE);
+    }
+
+    #[test]
+    fn the_backlog_asked_for_is_passed_on_for_the_kernel_to_clamp() {
+        assert_eq!(backlog(0), DEFAULT_BACKLOG);
+        assert_eq!(backlog(-1), DEFAULT_BACKLOG);
+        assert_eq!(backlog(16), 16);
+        assert_eq!(backlog(65_535), 65_535, "not clamped to the compile-time SOMAXCONN");
+        // And listen(2) takes it.
+        listen_tcp(&loopback(0), 65_535).unwrap();
     }
 
     #[test]
