@@ -112,13 +112,19 @@ function createSupervisor(primary) {
     process.on(signal, fn);
   }
 
+  // Whether anything may be restarted now: a policy is set, and no
+  // shutdown() or cluster.disconnect() is under way.
+  function mayRestart() {
+    return policy !== null && !shutdownPromise && !suspended;
+  }
+
   // Called after a worker's 'exit' events.
   function onExit(worker, code, signal) {
     // Not restarted: workers stopped on purpose, reload candidates (the
-    // reload fails instead), workers a reload is replacing (the replacement
-    // stands in for them), and anything during shutdown.
-    if (!policy || worker.exitedAfterDisconnect || worker[primary.kStopped] || worker[kCandidate] ||
-        worker[kReplacing] || shutdownPromise || suspended) {
+    // reload fails instead), and workers a reload is replacing (the
+    // replacement stands in for them).
+    if (!mayRestart() || worker.exitedAfterDisconnect || worker[primary.kStopped] || worker[kCandidate] ||
+        worker[kReplacing]) {
       return;
     }
     restartLater(worker[primary.kSlot], worker[primary.kEnv], Date.now() - worker[primary.kStarted],
@@ -147,11 +153,11 @@ function createSupervisor(primary) {
     if (entry === undefined) return;
     pending.delete(slot);
     holdAlive();
-    if (shutdownPromise || suspended || !policy) return;
+    if (!mayRestart()) return;
     // A failed start is a quick failure: tried again, given up in the end.
     const failedStart = (id, err) => {
       process.emitWarning(`cluster-rs: restarting worker ${entry.id} failed: ${err.message}`, 'ClusterRsWarning');
-      if (policy && !shutdownPromise && !suspended) restartLater(slot, entry.env, 0, { id, code: null, signal: null });
+      if (mayRestart()) restartLater(slot, entry.env, 0, { id, code: null, signal: null });
     };
     try {
       fork(entry.env, slot, (worker, err) => failedStart(worker.id, err));
@@ -300,7 +306,7 @@ function createSupervisor(primary) {
       if (fresh && !fresh.isDead()) await retire([fresh], shutdownTimeout());
       old[kReplacing] = false;
       // The old worker died and its replacement failed: restart the slot.
-      if (old.isDead() && policy && !shutdownPromise && !suspended && !old.exitedAfterDisconnect) {
+      if (old.isDead() && mayRestart() && !old.exitedAfterDisconnect) {
         restartLater(old[primary.kSlot], old[primary.kEnv], Date.now() - old[primary.kStarted],
                      { id: old.id, code: old.process.exitCode, signal: old.process.signalCode });
       }
@@ -317,11 +323,10 @@ function createSupervisor(primary) {
                                         { code: 'ERR_CLUSTER_RS_RELOAD_ABORTED' });
     reloadPromise = (async () => {
       for (const old of Object.values(cluster.workers)) {
-        if (shutdowns !== shutdownsBefore) throw aborted();
         if (old.isDead() || !old.isConnected() || old.exitedAfterDisconnect) continue;
         await replace(old);
+        if (shutdowns !== shutdownsBefore) throw aborted();
       }
-      if (shutdowns !== shutdownsBefore) throw aborted();
     })().finally(() => { reloadPromise = null; });
     return reloadPromise;
   }
