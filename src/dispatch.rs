@@ -269,9 +269,9 @@ impl Listener {
         self.ledger.is_some()
     }
 
-    /// `channel`'s worker has exited: what its ledger slot still held goes.
+    /// `channel`'s worker has exited (and was detached when its channel
+    /// went): what its ledger slot still held goes.
     fn forget(&mut self, channel: u32) {
-        self.detach(channel);
         if let Some(ledger) = self.ledger.as_mut() {
             ledger.forget(channel);
         }
@@ -782,8 +782,7 @@ mod ledger_share {
         /// `channel`'s worker is gone: its slot is free for others, and it
         /// no longer counts, even if it left while waiting or attached late.
         pub fn forget(&mut self, channel: u32) {
-            self.release(channel);
-            if let Some(slot) = self.reserved.remove(&channel) {
+            if let Some(slot) = self.slots.remove(&channel).or_else(|| self.reserved.remove(&channel)) {
                 self.table.detach(slot);
                 self.table.remove_waiter(slot);
                 signal_progress(self.progress.as_fd());
