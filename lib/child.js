@@ -14,9 +14,8 @@ const { sendControl, controlListener } = require('./protocol.js');
 // node:cluster's own worker-side object, completed here, so that
 // `require('node:cluster')` and `require('cluster-rs')` give one object in a
 // worker, as both names do in node:cluster's workers. The built-in module
-// picks its side from NODE_UNIQUE_ID when it is first loaded (the preload
-// loads this module before the app runs); if something loaded it earlier,
-// it is the primary's object, and is made to answer as a worker below.
+// picks its side from NODE_UNIQUE_ID when it is first loaded: the preload,
+// first in NODE_OPTIONS, loads this module before any other code can.
 function builtinWorkerSide() {
   process.env.NODE_UNIQUE_ID = '';
   try {
@@ -33,11 +32,7 @@ const byListener = new Map(); // native listener id -> { handle, server, isPipe 
 const TIMEOUT_MAX = 2 ** 31 - 1;
 let channelOpen = false;
 
-cluster.isWorker = true;
-cluster.isMaster = false;
-cluster.isPrimary = false;
-cluster.worker = null;
-cluster.Worker = Worker;
+cluster.Worker = Worker; // ours, in place of the built-in module's
 
 cluster._setupWorker = function setupWorker(id, channelFd) {
   const worker = new Worker({ id, process, state: 'online' });
@@ -185,9 +180,8 @@ function roundRobin(message, { indexesKey, index, server }, cb) {
 function onBatch(batch) {
   const accepted = [];
   const declined = [];
-  let settled = 0; // entries taken or declined so far
   try {
-    for (let i = 0; i + 2 < batch.length; i += 3, settled++) {
+    for (let i = 0; i + 2 < batch.length; i += 3) {
       const seq = batch[i + 1];
       const entry = byListener.get(batch[i]);
       const server = entry && entry.server;
@@ -213,10 +207,8 @@ function onBatch(batch) {
     }
   } finally {
     // After an unexpected throw (making a handle), what is left of the
-    // batch goes to another worker.
-    for (let i = settled * 3; i + 2 < batch.length; i += 3) {
-      if (!accepted.includes(batch[i + 1])) declined.push(batch[i + 1]);
-    }
+    // batch, from the entry it was making on, goes to another worker.
+    for (let i = (accepted.length + declined.length) * 3; i + 2 < batch.length; i += 3) declined.push(batch[i + 1]);
     native.workerSettle(accepted, declined);
   }
 }
