@@ -51,10 +51,6 @@ cluster._setupWorker = function setupWorker(id, channelFd) {
 
   process.on('internalMessage', controlListener(worker, onmessage));
   send({ act: 'online' });
-  // What connections need is loaded on the loop's first turn: after the
-  // app's own start-up code, and usually while its first listen waits for
-  // the primary.
-  setImmediate(handleMaker).unref();
 
   function onmessage(message) {
     if (message.act === 'disconnect') Reflect.apply(disconnectWorker, worker, [true]);
@@ -172,6 +168,9 @@ function roundRobin(message, { indexesKey, index, server }, cb) {
   const early = native.workerReady(listener, Boolean(message.leased));
   if (early.length > 0) process.nextTick(onBatch, early);
   cb(0, handle);
+  // What connections need is loaded once the server listens, not while its
+  // listen waits for the primary: loaded then, it held up the reply.
+  if (handleModule === undefined) setImmediate(handleMaker).unref();
 }
 
 // A batch from the native channel: [listener, seq, fd, listener, seq, fd, ...]:
@@ -217,8 +216,9 @@ function rethrow(err) {
   throw err;
 }
 
-// Not loaded before the app starts (see _setupWorker): it brings in
-// node:net, which costs a worker about 2 ms of its start-up.
+// Not loaded before the first round-robin server listens (see roundRobin):
+// it brings in node:net, which an app that only uses dgram, or none, never
+// needs, and two modules of ours.
 let handleModule;
 function handleMaker() {
   if (handleModule === undefined) handleModule = require('./handles.js');
