@@ -18,7 +18,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 
 use crate::ledger::shared::{signal_progress, SharedTable};
 use crate::ledger::QUIET;
-use crate::sys::{SysResult, Syscall};
+use crate::sys::{accept_failure, AcceptFailure, SysResult, Syscall};
 
 /// How long a worker waits for one that holds it back before excusing it.
 pub const EXCUSE_AFTER: Duration = Duration::from_millis(25);
@@ -207,18 +207,20 @@ impl Acceptor {
                         out.push(fd);
                         got += 1;
                     }
-                    Err(Errno::ECONNABORTED | Errno::EINTR | Errno::EPROTO) => continue,
-                    Err(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM) => {
-                        self.starved_until = Some(now + STARVED_RETRY);
-                        self.arm(STARVED_RETRY);
-                        break;
-                    }
-                    // EAGAIN, or the socket is no longer listening.
-                    Err(_) => {
-                        empty = true;
-                        self.grace = None;
-                        break;
-                    }
+                    Err(errno) => match accept_failure(errno) {
+                        AcceptFailure::Skip => continue,
+                        AcceptFailure::Starved => {
+                            self.starved_until = Some(now + STARVED_RETRY);
+                            self.arm(STARVED_RETRY);
+                            break;
+                        }
+                        // EAGAIN, or the socket is no longer listening.
+                        AcceptFailure::Done => {
+                            empty = true;
+                            self.grace = None;
+                            break;
+                        }
+                    },
                 }
             }
             if got > 0 {

@@ -30,9 +30,9 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::sockets::Listening;
-use crate::sys::{self, SysResult};
-use crate::worker_channel::DIRECT;
+use crate::sys::{self, AcceptFailure, SysResult};
 use crate::wire::{self, Decoder, Incoming, Record, MAX_FDS_PER_MSG, RECORD_LEN};
+use crate::worker_channel::DIRECT;
 
 /// Default number of connections a worker may hold unacknowledged. Large
 /// enough that a busy worker rarely drains its window and sits idle for the
@@ -517,13 +517,14 @@ impl Loop {
                     l.last_accept = Some(now);
                     l.pending.push_back(Conn { fd, listener: id, declined_by: Vec::new() });
                 }
-                Err(e) if sys::would_block(e.errno) => break,
-                Err(e) if matches!(e.errno, Errno::ECONNABORTED | Errno::EINTR | Errno::EPROTO) => continue,
-                Err(e) if matches!(e.errno, Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM) => {
-                    self.starved = true;
-                    break;
-                }
-                Err(_) => break,
+                Err(e) => match sys::accept_failure(e.errno) {
+                    AcceptFailure::Skip => continue,
+                    AcceptFailure::Starved => {
+                        self.starved = true;
+                        break;
+                    }
+                    AcceptFailure::Done => break,
+                },
             }
         }
     }

@@ -152,3 +152,65 @@ pub unsafe fn own(fd: RawFd) -> OwnedFd {
 pub fn would_block(errno: Errno) -> bool {
     errno == Errno::EAGAIN || errno == Errno::EWOULDBLOCK
 }
+
+/// What a failed `accept` means for the loop that called it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptFailure {
+    /// That connection is gone; the next one may be fine: accept again.
+    Skip,
+    /// Out of descriptors or memory: stop until some are freed.
+    Starved,
+    /// Nothing to take now: the queue is empty, or the socket no longer listens.
+    Done,
+}
+
+pub fn accept_failure(errno: Errno) -> AcceptFailure {
+    match errno {
+        Errno::ECONNABORTED | Errno::EINTR | Errno::EPROTO => AcceptFailure::Skip,
+        // Linux reports a pending connection's network error from accept
+        // itself, and accept(2) says to treat those "like EAGAIN by
+        // retrying": the queue behind it is still there. Taken as the end
+        // of the queue, it left an edge-triggered acceptor waiting for the
+        // next arrival.
+        #[cfg(target_os = "linux")]
+        Errno::ENETDOWN
+        | Errno::ENOPROTOOPT
+        | Errno::EHOSTDOWN
+        | Errno::ENONET
+        | Errno::EHOSTUNREACH
+        | Errno::EOPNOTSUPP
+        | Errno::ENETUNREACH => AcceptFailure::Skip,
+        Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM => AcceptFailure::Starved,
+        _ => AcceptFailure::Done,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_accept_error_of_one_connection_does_not_end_the_queue() {
+        for errno in [Errno::ECONNABORTED, Errno::EINTR, Errno::EPROTO] {
+            assert_eq!(accept_failure(errno), AcceptFailure::Skip, "{errno}");
+        }
+        #[cfg(target_os = "linux")]
+        for errno in [
+            Errno::ENETDOWN,
+            Errno::ENOPROTOOPT,
+            Errno::EHOSTDOWN,
+            Errno::ENONET,
+            Errno::EHOSTUNREACH,
+            Errno::EOPNOTSUPP,
+            Errno::ENETUNREACH,
+        ] {
+            assert_eq!(accept_failure(errno), AcceptFailure::Skip, "{errno}");
+        }
+        for errno in [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM] {
+            assert_eq!(accept_failure(errno), AcceptFailure::Starved, "{errno}");
+        }
+        for errno in [Errno::EAGAIN, Errno::EWOULDBLOCK, Errno::EBADF, Errno::EINVAL, Errno::ENOTSOCK] {
+            assert_eq!(accept_failure(errno), AcceptFailure::Done, "{errno}");
+        }
+    }
+}
