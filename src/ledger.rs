@@ -123,9 +123,8 @@ impl Table {
     /// with none active, level with the least-served excused one, which
     /// rejoins at its own count.
     pub fn attach(&self, slot: usize) {
-        let excused = || {
-            self.in_use().iter().filter(|s| s.state.load(SeqCst) == EXCUSED).map(|s| s.accepted.load(SeqCst)).min()
-        };
+        let excused =
+            || self.in_use().iter().filter(|s| s.state.load(SeqCst) == EXCUSED).map(|s| s.accepted.load(SeqCst)).min();
         let start = self.floor(None).or_else(excused).unwrap_or(0);
         let s = &self.slots[slot];
         s.accepted.store(start, SeqCst);
