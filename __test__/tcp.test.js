@@ -149,18 +149,21 @@ test('SCHED_NONE: two workers, every request succeeds', async () => {
   assert.deepEqual(one(rs, 'result').stats, {}, 'no native channels under SCHED_NONE');
 });
 
-test('two servers per worker: the Nth listen(0) of every worker shares one port', async () => {
-  const [rs, node] = await both('tcp.js', ['multi']);
-  for (const result of [rs, node]) {
-    const r = one(result, 'result');
-    const [p1, p2] = r.ports;
-    assert.deepEqual(p1, p2, 'both workers got the same two ports');
-    assert.notEqual(p1[0], p1[1]);
-    assert.deepEqual(Object.keys(r.served).map(Number).sort(), [...p1].sort());
-    assert.deepEqual(r.served[p1[0]].sort(), ['1:first', '1:first', '2:first', '2:first']);
-    assert.deepEqual(r.served[p1[1]].sort(), ['1:second', '1:second', '2:second', '2:second']);
-  }
-});
+for (const held of [false, true]) {
+  const title = held ? ', the worker busy while both are answered' : '';
+  test(`two servers per worker: the Nth listen(0) of every worker shares one port${title}`, async () => {
+    const [rs, node] = await both('tcp.js', held ? ['multi', 'held'] : ['multi']);
+    for (const result of [rs, node]) {
+      const r = one(result, 'result');
+      const [p1, p2] = r.ports;
+      assert.deepEqual(p1, p2, 'both workers got the same two ports');
+      assert.notEqual(p1[0], p1[1]);
+      assert.deepEqual(Object.keys(r.served).map(Number).sort(), [...p1].sort());
+      assert.deepEqual(r.served[p1[0]].sort(), ['1:first', '1:first', '2:first', '2:first']);
+      assert.deepEqual(r.served[p1[1]].sort(), ['1:second', '1:second', '2:second', '2:second']);
+    }
+  });
+}
 
 test('pauseOnConnect and allowHalfOpen apply to connections handed to workers', async () => {
   const [rs, node] = await both('tcp.js', ['options']);

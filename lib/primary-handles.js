@@ -34,9 +34,13 @@ class RoundRobinHandle {
       { address: result.address, family: result.family, port: result.port };
   }
 
-  add(worker, send) {
+  // `channel`: the worker's data channel.
+  add(worker, send, channel) {
     this.workers.set(worker.id, worker);
     if (this.errno) return send(this.errno, null, null);
+    // Its lease goes out first, so that it is there when the worker reads
+    // this answer (it would otherwise ask for it then, a round trip more).
+    if (this.leased) native.joinListener(this.listener, channel);
     const reply = { listener: this.listener, leased: this.leased };
     if (this.sockname) reply.sockname = this.sockname; // TCP only, as node:cluster
     send(null, reply, null);

@@ -368,7 +368,7 @@ function queryServer(worker, message) {
     const { data } = handles.get(key);
     if (errno) handles.delete(key); // lets another worker try again
     send(worker, { errno, key, ack: message.seq, data, ...reply }, sendHandle, undefined, onSent);
-  });
+  }, worker[kChannel]);
 }
 
 // UDP is always shared: there is nothing to balance but datagrams.

@@ -2,6 +2,8 @@
 //! counters, and `{ errno, syscall }` for failures, which `lib/errors.js`
 //! turns into Node-shaped errors in one place.
 
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +16,7 @@ use crate::dispatch::{Balance, Command, Dispatcher, DEFAULT_WINDOW};
 use crate::sockets::{self, InetSpec, Listening};
 use crate::supervise::{Decision, Policy, Slots, Timers};
 use crate::sys::{self, SysError, SysResult};
-use crate::worker_channel::WorkerChannel;
+use crate::worker_channel::{Lease, WorkerChannel};
 
 /// The outcome of creating a socket: `id` (listener) or `fd` (shared socket)
 /// on success, a negative `errno` and the failing `syscall` otherwise.
@@ -218,6 +220,16 @@ pub fn release_spawn_end(channel: u32) {
 pub fn retire_channel(channel: u32) {
     if let Some(d) = DISPATCHER.get() {
         d.enqueue(Command::RetireChannel { id: channel });
+    }
+}
+
+/// Under the ledger: the worker on `channel` is to accept on `listener`,
+/// and its lease goes out at once, ahead of the primary's answer to its
+/// query (see `worker_ready`).
+#[napi]
+pub fn join_listener(listener: u32, channel: u32) {
+    if let Some(d) = DISPATCHER.get() {
+        d.send(Command::Join { listener, channel });
     }
 }
 
@@ -425,7 +437,7 @@ extern "C" fn on_channel_readable(handle: *mut std::ffi::c_void, status: std::ff
     let mut batch = Vec::new();
     let mut leases = Vec::new();
     let open = status == 0 && receiver.channel.drain(&mut batch, &mut leases).unwrap_or(false);
-    start_leases(receiver, leases);
+    take_leases(receiver, leases);
     if !batch.is_empty() {
         receiver.deliver(batch);
     }
@@ -445,9 +457,23 @@ pub fn worker_settle(accepted: Vec<u32>, declined: Vec<u32>) -> i32 {
     WORKER.get().map(|w| errno_of(w.settle(&accepted, &declined))).unwrap_or(0)
 }
 
-/// Starts accepting on each granted lease (Linux); a `NoLease` needs nothing.
-fn start_leases(receiver: &LoopReceiver, leases: Vec<crate::worker_channel::Lease>) {
+thread_local! {
+    /// Listeners this worker serves: `worker_ready` ran, `worker_gone` not yet.
+    static SERVING: RefCell<HashSet<u32>> = RefCell::new(HashSet::new());
+    /// Leases that came before their listener's server was set up: the
+    /// primary sends one as it answers the worker's query, and the channel
+    /// may be read before the answer is.
+    static EARLY_LEASES: RefCell<HashMap<u32, Lease>> = RefCell::new(HashMap::new());
+}
+
+/// Starts accepting on each granted lease of a listener this worker serves
+/// (Linux), and keeps the others until it does; a `NoLease` needs nothing.
+fn take_leases(receiver: &LoopReceiver, leases: Vec<Lease>) {
     for lease in leases {
+        if !SERVING.with(|s| s.borrow().contains(&lease.listener)) {
+            EARLY_LEASES.with(|e| e.borrow_mut().insert(lease.listener, lease));
+            continue;
+        }
         #[cfg(target_os = "linux")]
         if let Some(grant) = lease.grant {
             direct::start(receiver, lease.listener, grant);
@@ -461,31 +487,37 @@ fn start_leases(receiver: &LoopReceiver, leases: Vec<crate::worker_channel::Leas
 /// (it starts accepting whenever the lease arrives).
 const LEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Tells the primary this worker serves `listener`. Under the ledger
-/// (`leased`) it also waits for the lease and starts accepting before it
-/// returns, so the server is listening once its callback runs, on the same
-/// tick as under node:cluster. Returns connections that arrived meanwhile,
-/// as a batch for `onBatch`.
+/// This worker serves `listener` from now on. Under the ledger (`leased`)
+/// it starts accepting on the lease the primary sent with its answer,
+/// waiting for it if need be, before it returns, so the server is listening
+/// once its callback runs, on the same tick as under node:cluster. Otherwise
+/// it tells the primary to send connections. Returns connections that
+/// arrived meanwhile, as a batch for `onBatch`.
 #[napi]
 pub fn worker_ready(listener: u32, leased: bool) -> Vec<u32> {
     let Some(w) = WORKER.get() else { return Vec::new() };
     let mut batch = Vec::new();
+    SERVING.with(|s| s.borrow_mut().insert(listener));
     if !leased {
         let _ = w.ready(listener);
         return batch;
     }
-    let mut leases = Vec::new();
-    let _ = w.await_lease(listener, LEASE_TIMEOUT, &mut batch, &mut leases);
+    let mut leases: Vec<Lease> = EARLY_LEASES.with(|e| e.borrow_mut().remove(&listener)).into_iter().collect();
+    if leases.is_empty() {
+        let _ = w.await_lease(listener, LEASE_TIMEOUT, &mut batch, &mut leases);
+    }
     let receiver = RECEIVER.with(|r| r.get());
     if !receiver.is_null() {
         // SAFETY: set when the channel was attached, and never freed.
-        start_leases(unsafe { &*receiver }, leases);
+        take_leases(unsafe { &*receiver }, leases);
     }
     batch
 }
 
 #[napi]
 pub fn worker_gone(listener: u32) -> i32 {
+    SERVING.with(|s| s.borrow_mut().remove(&listener));
+    EARLY_LEASES.with(|e| e.borrow_mut().remove(&listener));
     #[cfg(target_os = "linux")]
     direct::stop(listener);
     WORKER.get().map(|w| errno_of(w.gone(listener))).unwrap_or(0)

@@ -12,8 +12,9 @@
 //!   server at `maxConnections` closes it.
 //!
 //! Under the ledger (Linux; `Balance::Ledger`) the thread accepts nothing: a
-//! worker that attaches gets a `Lease` (the listening socket and the
-//! listener's ledger, see `ledger`) and accepts on its own. The thread then
+//! worker that joins (`Command::Join`, as the primary answers its query) gets
+//! a `Lease` (the listening socket and the listener's ledger, see `ledger`)
+//! and accepts on its own. The thread then
 //! only keeps the ledger's slots and hands on the connections a worker
 //! returns, by the rules above.
 //!
@@ -67,6 +68,13 @@ pub enum Command {
     /// The worker is gone: give whatever it held to other workers.
     RemoveChannel {
         id: u32,
+    },
+    /// Under the ledger: the worker on `channel` is to accept on `listener`;
+    /// its lease goes out now, while the primary answers its query, instead
+    /// of when its `Ready` comes (a round trip later).
+    Join {
+        listener: u32,
+        channel: u32,
     },
     AddListener {
         id: u32,
@@ -486,6 +494,7 @@ impl Loop {
                     let _ = done.send(());
                 }
             }
+            Command::Join { listener, channel } => self.join(channel, listener),
             Command::Stats { reply } => {
                 let mut all: Vec<ChannelStats> = self
                     .channels
@@ -640,20 +649,7 @@ impl Loop {
                     self.requeue(conn);
                 }
             }
-            Record::Ready { listener } => {
-                if c.retired || c.broken {
-                    return;
-                }
-                if let Some(l) = self.listeners.get_mut(&listener) {
-                    l.attach(id);
-                    if l.leased() {
-                        // Without a slot or descriptors for it, the worker
-                        // still hears, and still gets what others return.
-                        let lease = l.lease(listener, id);
-                        c.leases.push(lease.unwrap_or((Record::NoLease { listener }, Vec::new())));
-                    }
-                }
-            }
+            Record::Ready { listener } => self.join(id, listener),
             Record::Gone { listener } => {
                 if let Some(l) = self.listeners.get_mut(&listener) {
                     l.detach(id);
@@ -661,6 +657,24 @@ impl Loop {
             }
             Record::Return { .. } => {} // comes with its descriptor, see read_channel
             Record::Conn { .. } | Record::Lease { .. } | Record::NoLease { .. } => {}
+        }
+    }
+
+    /// `channel`'s worker serves `listener` from now on; under the ledger it
+    /// is also sent its lease.
+    fn join(&mut self, channel: u32, listener: u32) {
+        let Some(c) = self.channels.get_mut(&channel) else { return };
+        if c.retired || c.broken {
+            return;
+        }
+        if let Some(l) = self.listeners.get_mut(&listener) {
+            l.attach(channel);
+            if l.leased() {
+                // Without a slot or descriptors for it, the worker
+                // still hears, and still gets what others return.
+                let lease = l.lease(listener, channel);
+                c.leases.push(lease.unwrap_or((Record::NoLease { listener }, Vec::new())));
+            }
         }
     }
 
@@ -1342,5 +1356,47 @@ mod tests {
         // Either reset or end of stream: the client is not left hanging.
         assert!(matches!(waiting.read(&mut buf), Ok(0) | Err(_)));
         assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err(), "closed at once");
+    }
+
+    /// Under the ledger: a listener, and the worker end of a channel the
+    /// dispatcher has taken (no `Ready` sent on it).
+    #[cfg(target_os = "linux")]
+    fn ledger_with_channel() -> (Dispatcher, u32, u32, WorkerChannel) {
+        let d = Dispatcher::start_with(4, Balance::Ledger, Duration::MAX, 0).unwrap();
+        let (listening, _) = loopback_listener();
+        let l = d.next_id();
+        assert!(d.add_listener(l, listening, true), "a TCP listener has a ledger");
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        let c = d.next_id();
+        d.send(Command::AddChannel { id: c, fd: primary_end });
+        (d, l, c, WorkerChannel::new(worker_end).unwrap())
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_joined_worker_is_sent_its_lease_without_asking() {
+        let (d, l, c, worker) = ledger_with_channel();
+        d.send(Command::Join { listener: l, channel: c });
+        let (mut batch, mut leases) = (Vec::new(), Vec::new());
+        worker.await_lease(l, Duration::from_secs(5), &mut batch, &mut leases).unwrap();
+        assert!(batch.is_empty());
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases[0].listener, l);
+        assert_eq!(leases[0].grant.as_ref().map(|g| g.slot), Some(0));
+        assert_eq!(d.stats()[0].attached, 1);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_retired_worker_is_not_joined() {
+        let (d, l, c, worker) = ledger_with_channel();
+        d.send(Command::RetireChannel { id: c });
+        d.send(Command::Join { listener: l, channel: c });
+        // Two round trips: the thread has also written what the first left queued.
+        d.stats();
+        assert_eq!(d.stats()[0].attached, 0);
+        let (mut batch, mut leases) = (Vec::new(), Vec::new());
+        assert!(worker.drain(&mut batch, &mut leases).unwrap(), "still open");
+        assert!(leases.is_empty() && batch.is_empty());
     }
 }

@@ -200,10 +200,11 @@ impl WorkerChannel {
         self.write_record(Record::Ready { listener })
     }
 
-    /// Sends `Ready` for a listener under the ledger and waits, at most
-    /// `timeout`, for the primary's answer (`Lease` or `NoLease`), so that the
-    /// worker accepts before its server reports 'listening'. Whatever else
-    /// arrives meanwhile goes to `batch` and `leases` as from `drain`.
+    /// Waits, at most `timeout`, for the lease on a listener under the
+    /// ledger (`Lease` or `NoLease`; the primary sends it as it answers the
+    /// worker's query), so that the worker accepts before its server reports
+    /// 'listening'. Whatever else arrives meanwhile goes to `batch` and
+    /// `leases` as from `drain`.
     pub fn await_lease(
         &self,
         listener: u32,
@@ -211,7 +212,6 @@ impl WorkerChannel {
         batch: &mut Vec<u32>,
         leases: &mut Vec<Lease>,
     ) -> SysResult<()> {
-        self.ready(listener)?;
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let open = self.drain(batch, leases)?;
