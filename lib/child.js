@@ -8,7 +8,6 @@
 
 const path = require('node:path');
 const native = require('./native.js');
-const Worker = require('./worker.js');
 const { sendControl, controlListener } = require('./protocol.js');
 
 // node:cluster's own worker-side object, completed here, so that
@@ -26,13 +25,14 @@ function builtinWorkerSide() {
 }
 
 const cluster = builtinWorkerSide();
+// Its Worker class too (an EventEmitter around `process`); disconnect() and
+// destroy() are ours, below.
+const { Worker } = cluster;
 const handles = new Map(); // key -> handle, for disconnect
 const indexes = new Map();
 const byListener = new Map(); // native listener id -> { handle, server, isPipe }
 const TIMEOUT_MAX = 2 ** 31 - 1;
 let channelOpen = false;
-
-cluster.Worker = Worker; // ours, in place of the built-in module's
 
 cluster._setupWorker = function setupWorker(id, channelFd) {
   const worker = new Worker({ id, process, state: 'online' });

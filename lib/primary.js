@@ -9,7 +9,6 @@ const path = require('node:path');
 const EventEmitter = require('node:events');
 const { fork } = require('node:child_process');
 const native = require('./native.js');
-const Worker = require('./worker.js');
 const { ENV, sendControl, controlListener } = require('./protocol.js');
 const { RoundRobinHandle, SharedHandle, ReusePortHandle } = require('./primary-handles.js');
 const { createSupervisor, validateSettings } = require('./supervisor.js');
@@ -21,6 +20,9 @@ const { badPort, validatePort, systemError } = require('./errors.js');
 // worker. Libraries that use node:cluster (metrics aggregators, sticky
 // sessions) then see our workers and events.
 const cluster = require('node:cluster');
+// Its Worker class too (an EventEmitter around the worker's ChildProcess);
+// disconnect() and destroy() are ours, below.
+const { Worker } = cluster;
 const intercom = new EventEmitter();
 const SCHED_NONE = 1;
 const SCHED_RR = 2;
@@ -40,7 +42,6 @@ let initialized = false;
 cluster.isWorker = false;
 cluster.isMaster = true;
 cluster.isPrimary = true;
-cluster.Worker = Worker;
 cluster.workers = {};
 cluster.settings = {};
 cluster.SCHED_NONE = SCHED_NONE;
