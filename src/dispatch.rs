@@ -12,11 +12,10 @@
 //!   server at `maxConnections` closes it.
 //!
 //! Under the ledger (Linux; `Balance::Ledger`) the thread accepts nothing: a
-//! worker that joins (`Command::Join`, as the primary answers its query) gets
-//! a `Lease` (the listening socket and the listener's ledger, see `ledger`)
-//! and accepts on its own. The thread then
-//! only keeps the ledger's slots and hands on the connections a worker
-//! returns, by the rules above.
+//! worker that joins (`Command::Join`, as the primary answers its query)
+//! gets a `Lease` (the listening socket and the listener's ledger, see
+//! `ledger`) and accepts on its own. The thread then only keeps the ledger's
+//! slots and hands on the connections a worker returns, by the rules above.
 //!
 //! JavaScript talks to the thread through commands and a wake-up socket only.
 

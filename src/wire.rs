@@ -28,9 +28,9 @@ pub enum Record {
     Conn { listener: u32, seq: u32 },
     /// worker → primary: the worker took connection `seq` (or declined it).
     Ack { seq: u32, accepted: bool },
-    /// worker → primary: send me connections of `listener` from now on
-    /// (under the ledger also my lease, which the primary sends unasked as
-    /// it answers a query).
+    /// worker → primary: send me connections of `listener` from now on.
+    /// (Under the ledger the primary joins the worker itself as it answers
+    /// the worker's query, and the worker sends none.)
     Ready { listener: u32 },
     /// worker → primary: stop sending connections of `listener`.
     Gone { listener: u32 },
