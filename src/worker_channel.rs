@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use nix::errno::Errno;
@@ -48,6 +48,12 @@ pub struct WorkerChannel {
     /// Delivered, not yet settled: sequence → (listener, descriptor).
     unsettled: Mutex<HashMap<u32, (u32, OwnedFd)>>,
     next_direct: AtomicU32,
+    /// How long a write waits for room before it gives up.
+    write_timeout: PollTimeout,
+    /// Set once a write gave up after sending part of what it had: the
+    /// primary would read what came next as the rest of that record, so
+    /// nothing more is written.
+    broken: AtomicBool,
 }
 
 impl WorkerChannel {
@@ -62,6 +68,8 @@ impl WorkerChannel {
             decoder: Mutex::default(),
             unsettled: Mutex::new(HashMap::new()),
             next_direct: AtomicU32::new(0),
+            write_timeout: PollTimeout::from(1000u16),
+            broken: AtomicBool::new(false),
         })
     }
 
@@ -255,23 +263,94 @@ impl WorkerChannel {
         }
     }
 
-    /// As `write_all`; the descriptors go with the first bytes sent.
+    /// As `write_all`; the descriptors go with the first bytes sent. A write
+    /// that fails part-way breaks the channel for writing (see `broken`).
     fn write_all_with(&self, mut bytes: &[u8], mut fds: &[RawFd]) -> SysResult<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(SysError { syscall: "sendmsg", errno: Errno::EPIPE });
+        }
+        let total = bytes.len();
         while !bytes.is_empty() {
-            match wire::send(self.fd.as_raw_fd(), bytes, fds) {
+            let failed = match wire::send(self.fd.as_raw_fd(), bytes, fds) {
                 Ok(n) => {
                     bytes = &bytes[n..];
                     fds = &[];
+                    continue;
                 }
                 Err(e) if e.errno == Errno::EINTR => continue,
-                Err(e) if sys::would_block(e.errno) => {
-                    if !self.wait_for(PollFlags::POLLOUT, PollTimeout::from(1000u16))? {
-                        return Err(SysError { syscall: "sendmsg", errno: Errno::ETIMEDOUT });
-                    }
-                }
-                Err(e) => return Err(e),
+                Err(e) if sys::would_block(e.errno) => match self.wait_for(PollFlags::POLLOUT, self.write_timeout) {
+                    Ok(true) => continue,
+                    Ok(false) => SysError { syscall: "sendmsg", errno: Errno::ETIMEDOUT },
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            if bytes.len() < total {
+                self.broken.store(true, Ordering::Relaxed);
             }
+            return Err(failed);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads what the primary's end holds now, without waiting.
+    fn read_all_now(fd: &OwnedFd) -> usize {
+        let mut buf = [0u8; 65536];
+        let mut total = 0;
+        loop {
+            match nix::unistd::read(fd.as_fd(), &mut buf) {
+                Ok(0) => return total,
+                Ok(n) => total += n,
+                Err(e) if sys::would_block(e) => return total,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_that_gives_up_part_way_is_the_last_one() {
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        sys::set_nonblocking(primary_end.as_fd(), true).unwrap();
+        let mut channel = WorkerChannel::new(worker_end).unwrap();
+        channel.write_timeout = PollTimeout::from(20u16);
+        // More records than the socket holds, with nobody reading them.
+        let mut bytes = Vec::new();
+        for seq in 0..100_000 {
+            Record::Ack { seq, accepted: true }.encode(&mut bytes);
+        }
+        assert_eq!(channel.write_all(&bytes).unwrap_err().errno, Errno::ETIMEDOUT);
+        let sent = read_all_now(&primary_end);
+        assert!(sent > 0 && sent < bytes.len(), "{sent} of {}", bytes.len());
+        // The primary has read up to the middle of a record (or to the end
+        // of one): a record written now would be read out of step.
+        assert_eq!(channel.gone(1).unwrap_err().errno, Errno::EPIPE);
+        assert_eq!(read_all_now(&primary_end), 0);
+    }
+
+    #[test]
+    fn a_write_that_waited_for_room_goes_on() {
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        let channel = WorkerChannel::new(worker_end).unwrap();
+        let mut bytes = Vec::new();
+        for seq in 0..100_000 {
+            Record::Ack { seq, accepted: true }.encode(&mut bytes);
+        }
+        let total = bytes.len();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            let mut got = 0;
+            while got < total + RECORD_LEN {
+                got += nix::unistd::read(primary_end.as_fd(), &mut buf).unwrap();
+            }
+            got
+        });
+        channel.write_all(&bytes).unwrap();
+        channel.gone(1).unwrap();
+        assert_eq!(reader.join().unwrap(), total + RECORD_LEN);
     }
 }
