@@ -201,6 +201,9 @@ impl Acceptor {
             self.stop_waiting();
             let mut got = 0u64;
             let mut empty = false;
+            // Each skipped error took a connection off the queue; as many as
+            // a whole turn's worth is the socket failing, not its connections.
+            let mut skipped = 0;
             while got < allowed {
                 match self.accept_one() {
                     Ok(fd) => {
@@ -208,14 +211,18 @@ impl Acceptor {
                         got += 1;
                     }
                     Err(errno) => match accept_failure(errno) {
-                        AcceptFailure::Skip => continue,
+                        AcceptFailure::Skip if skipped < MAX_PER_TURN => {
+                            skipped += 1;
+                            continue;
+                        }
                         AcceptFailure::Starved => {
                             self.starved_until = Some(now + STARVED_RETRY);
                             self.arm(STARVED_RETRY);
                             break;
                         }
-                        // EAGAIN, or the socket is no longer listening.
-                        AcceptFailure::Done => {
+                        // EAGAIN, or the socket is no longer listening (or
+                        // keeps failing): the next arrival wakes us.
+                        AcceptFailure::Skip | AcceptFailure::Done => {
                             empty = true;
                             self.grace = None;
                             break;
