@@ -123,16 +123,7 @@ impl Dispatcher {
         sys::set_nonblocking(wake.as_fd(), true)?;
         sys::set_nonblocking(wake_rx.as_fd(), true)?;
         let (tx, rx) = mpsc::channel();
-        let mut state = Loop {
-            wake: wake_rx,
-            commands: rx,
-            window: window.max(1),
-            quiet,
-            listeners: HashMap::new(),
-            channels: HashMap::new(),
-            next_seq: first_seq & !DIRECT,
-            starved: false,
-        };
+        let mut state = Loop::new(wake_rx, rx, window, quiet, first_seq);
         let thread = std::thread::Builder::new()
             .name("cluster-rs-dispatch".into())
             .spawn(move || state.run())
@@ -345,6 +336,19 @@ struct Loop {
 }
 
 impl Loop {
+    fn new(wake: OwnedFd, commands: mpsc::Receiver<Command>, window: usize, quiet: Duration, first_seq: u32) -> Loop {
+        Loop {
+            wake,
+            commands,
+            window: window.max(1),
+            quiet,
+            listeners: HashMap::new(),
+            channels: HashMap::new(),
+            next_seq: first_seq & !DIRECT,
+            starved: false,
+        }
+    }
+
     fn run(&mut self) {
         loop {
             let ready = match self.wait() {
@@ -1245,16 +1249,7 @@ mod tests {
     fn bare_loop(window: usize) -> Loop {
         let (_, wake) = sys::stream_pair().unwrap();
         let (_, commands) = mpsc::channel();
-        Loop {
-            wake,
-            commands,
-            window,
-            quiet: Duration::MAX,
-            listeners: HashMap::new(),
-            channels: HashMap::new(),
-            next_seq: 0,
-            starved: false,
-        }
+        Loop::new(wake, commands, window, Duration::MAX, 0)
     }
 
     #[test]

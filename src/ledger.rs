@@ -52,7 +52,7 @@ pub struct Slot {
     accepted: AtomicU64,
     state: AtomicU32,
     /// 1 while the slot's worker counts in `Table::waiters`: a worker that
-    /// dies waiting is taken out of the count by the primary (`clear_waiter`).
+    /// dies waiting is taken out of the count by the primary (`remove_waiter`).
     waiting: AtomicU32,
 }
 
