@@ -268,6 +268,12 @@ impl Table {
         self.waiters.load(SeqCst)
     }
 
+    /// Whether the worker in `slot` is excused.
+    #[cfg(test)]
+    pub fn excused(&self, slot: usize) -> bool {
+        self.slots[slot].state.load(SeqCst) == EXCUSED
+    }
+
     pub fn accepted(&self, slot: usize) -> u64 {
         self.slots[slot].accepted.load(SeqCst)
     }
