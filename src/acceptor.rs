@@ -12,11 +12,14 @@
 //! time, a keep-alive pool opening), a worker that is ahead leaves a lone
 //! connection to the worker whose turn it is and a queue to be shared out,
 //! so such connections split evenly. Once the spell is settled (sustained
-//! load: the lag it earned exceeds the configured one), a worker ahead
-//! gives the others only a moment for a lone connection and takes a queue
-//! up to its lag at once: keeping to turns there left connections waiting
-//! for busy workers while this one idled, and the shares still stay within
-//! the lag.
+//! load: the lag it earned exceeds the configured one) and the listener has
+//! no more workers than this process may use CPUs, turns are kept loosely:
+//! a worker ahead gives the others only a moment for a lone connection and
+//! takes a queue up to its lag at once. Keeping to turns there left
+//! connections waiting for busy workers while this one idled, and the
+//! shares still stay within the lag. With more workers than CPUs another
+//! worker runs while one waits, and taking whole queues only made them
+//! contend for the socket.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
@@ -33,7 +36,7 @@ use crate::sys::{accept_failure, AcceptFailure, SysResult, Syscall};
 
 /// How long a worker waits for one that holds it back before excusing it.
 pub const EXCUSE_AFTER: Duration = Duration::from_millis(25);
-/// In a settled spell, how long a worker that is ahead leaves a lone
+/// With turns kept loosely, how long a worker that is ahead leaves a lone
 /// connection to the worker whose turn it is: one idle in its loop was woken
 /// by the same arrival and takes it well within this.
 const TURN_WAIT: Duration = Duration::from_micros(50);
@@ -69,6 +72,8 @@ pub struct Acceptor {
     /// Set while the timer runs for a turn's short wait rather than
     /// for the excuse.
     turn_timer: bool,
+    /// How many CPUs this process may run on.
+    cpus: usize,
     /// Set when this worker took its share of a queue and left the rest.
     grace: Option<Grace>,
     starved_until: Option<Instant>,
@@ -112,6 +117,7 @@ impl Acceptor {
             lag,
             waiting_since: None,
             turn_timer: false,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             grace: None,
             starved_until: None,
             spell,
@@ -152,7 +158,7 @@ impl Acceptor {
         }
         let mut taken = 0;
         loop {
-            let settled = self.settled();
+            let loose = self.loose_turns();
             let strict = self.table.allowance(self.slot, false, self.lag);
             let (allowed, queued) = if strict > 0 {
                 (strict, false)
@@ -165,16 +171,16 @@ impl Acceptor {
                         self.grace = None;
                         return;
                     }
-                    // One, for the worker whose turn it is; in a settled
-                    // spell, unless it leaves it waiting.
+                    // One, for the worker whose turn it is; with turns
+                    // kept loosely, unless it leaves it waiting.
                     Some(1) => match self.waiting_since {
-                        Some(since) if settled && now.duration_since(since) >= TURN_WAIT => {
+                        Some(since) if loose && now.duration_since(since) >= TURN_WAIT => {
                             (self.table.allowance(self.slot, true, self.lag()).min(1), true)
                         }
                         _ => (0, false),
                     },
-                    // A queue in a settled spell: up to the lag.
-                    Some(_) if settled => {
+                    // A queue, with turns kept loosely: up to the lag.
+                    Some(_) if loose => {
                         self.grace = None;
                         (self.table.allowance(self.slot, true, self.lag()), true)
                     }
@@ -219,9 +225,9 @@ impl Acceptor {
                         // wakes us to excuse whoever still holds us back.
                         self.waiting_since = Some(now);
                         self.table.add_waiter(self.slot);
-                        // A turn in a settled spell is waited for only
+                        // With turns kept loosely, a turn is waited for only
                         // briefly (then the timer is the excuse timer).
-                        self.turn_timer = settled && !queued;
+                        self.turn_timer = loose && !queued;
                         self.arm(if self.turn_timer { TURN_WAIT } else { EXCUSE_AFTER });
                         continue;
                     }
@@ -359,10 +365,11 @@ impl Acceptor {
         self.lag.max(self.spell_accepted() * LAG_PERCENT / 100)
     }
 
-    /// Whether the busy spell is settled: the lag it earned exceeds the
-    /// configured one (see the module's comment).
-    fn settled(&self) -> bool {
-        self.spell_accepted() * LAG_PERCENT / 100 > self.lag
+    /// Whether turns are kept loosely now: the busy spell is settled (the
+    /// lag it earned exceeds the configured one) and the listener has no
+    /// more workers than `cpus` (see the module's comment).
+    fn loose_turns(&self) -> bool {
+        self.spell_accepted() * LAG_PERCENT / 100 > self.lag && self.table.active_workers() <= self.cpus
     }
 
     /// What this worker accepted in the current busy spell.
@@ -423,7 +430,8 @@ mod tests {
     use crate::ledger::shared::SharedTable;
     use crate::ledger::QUIET;
 
-    /// `n` workers' acceptors (slots 0, 1, ...; lag 8) on one fresh listener.
+    /// `n` workers' acceptors (slots 0, 1, ...; lag 8; as many CPUs as
+    /// workers) on one fresh listener.
     fn workers(n: usize) -> (TcpListener, SharedTable, Vec<Acceptor>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -431,14 +439,20 @@ mod tests {
         let progress: OwnedFd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap().into();
         let socket = || OwnedFd::from(listener.try_clone().unwrap());
         let dup = |fd: &OwnedFd| fd.as_fd().try_clone_to_owned().unwrap();
-        let acceptors =
-            (0..n).map(|slot| Acceptor::new(socket(), dup(&memfd), dup(&progress), slot, 8).unwrap()).collect();
+        let acceptors = (0..n)
+            .map(|slot| {
+                let mut acceptor = Acceptor::new(socket(), dup(&memfd), dup(&progress), slot, 8).unwrap();
+                acceptor.cpus = n;
+                acceptor
+            })
+            .collect();
         (listener, table, acceptors)
     }
 
     /// Two workers' acceptors on one listener, both having accepted 100,000
     /// connections in this busy spell, the last just now: the spell is
-    /// settled, and either may run 4,000 ahead of the other.
+    /// settled (turns are kept loosely), and either may run 4,000 ahead of
+    /// the other.
     fn two_busy_workers() -> (TcpListener, SharedTable, Acceptor, Acceptor) {
         let (listener, table, mut acceptors) = workers(2);
         let b = acceptors.pop().unwrap();
@@ -519,6 +533,20 @@ mod tests {
         a.run(&mut got);
         assert_eq!(got.len(), 10, "its turn, then the rest: 4,000 ahead would be allowed");
         assert_eq!(table.accepted(0), 100_010);
+    }
+
+    #[test]
+    fn with_more_workers_than_cpus_a_settled_spell_keeps_turns() {
+        let (listener, table, mut a, mut b) = two_busy_workers();
+        a.cpus = 1;
+        b.cpus = 1;
+        let _clients = connect(&listener, 10);
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        a.run(&mut got_a);
+        assert_eq!(got_a.len(), 5, "the first worker takes its share and leaves the rest");
+        b.run(&mut got_b);
+        assert_eq!(got_b.len(), 5);
+        assert_eq!((table.accepted(0), table.accepted(1)), (100_005, 100_005));
     }
 
     #[test]

@@ -108,6 +108,11 @@ impl Table {
         self.in_use().iter().filter(|s| s.state.load(SeqCst) == ACTIVE)
     }
 
+    /// How many workers count now.
+    pub fn active_workers(&self) -> usize {
+        self.active().count()
+    }
+
     /// The least count among active slots, leaving out `except`.
     fn floor(&self, except: Option<usize>) -> Option<u64> {
         self.in_use()
