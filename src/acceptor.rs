@@ -513,25 +513,28 @@ mod tests {
         assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1, "no wake-up within 5 s");
     }
 
+    /// Ten connections queue, then `a` looks once and `b` once: what each took.
+    fn ten_queued_then_each_looks(listener: &TcpListener, a: &mut Acceptor, b: &mut Acceptor) -> (usize, usize) {
+        let _clients = connect(listener, 10);
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        a.run(&mut got_a);
+        b.run(&mut got_b);
+        (got_a.len(), got_b.len())
+    }
+
     #[test]
     fn in_a_young_spell_a_burst_is_shared_out_even_when_the_lag_would_allow_more() {
         let (listener, table, mut a, mut b) = two_fresh_workers();
-        let _clients = connect(&listener, 10);
-        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
-        a.run(&mut got_a);
-        assert_eq!(got_a.len(), 5, "the first worker takes its share and leaves the rest");
-        b.run(&mut got_b);
-        assert_eq!(got_b.len(), 5);
+        let taken = ten_queued_then_each_looks(&listener, &mut a, &mut b);
+        assert_eq!(taken, (5, 5), "the first worker takes its share and leaves the rest");
         assert_eq!((table.accepted(0), table.accepted(1)), (5, 5));
     }
 
     #[test]
     fn in_a_settled_spell_a_queue_is_taken_up_to_the_lag_at_once() {
-        let (listener, table, mut a, _b) = two_busy_workers();
-        let _clients = connect(&listener, 10);
-        let mut got = Vec::new();
-        a.run(&mut got);
-        assert_eq!(got.len(), 10, "its turn, then the rest: 4,000 ahead would be allowed");
+        let (listener, table, mut a, mut b) = two_busy_workers();
+        let taken = ten_queued_then_each_looks(&listener, &mut a, &mut b);
+        assert_eq!(taken, (10, 0), "its turn, then the rest: 4,000 ahead would be allowed");
         assert_eq!(table.accepted(0), 100_010);
     }
 
@@ -540,12 +543,8 @@ mod tests {
         let (listener, table, mut a, mut b) = two_busy_workers();
         a.cpus = 1;
         b.cpus = 1;
-        let _clients = connect(&listener, 10);
-        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
-        a.run(&mut got_a);
-        assert_eq!(got_a.len(), 5, "the first worker takes its share and leaves the rest");
-        b.run(&mut got_b);
-        assert_eq!(got_b.len(), 5);
+        let taken = ten_queued_then_each_looks(&listener, &mut a, &mut b);
+        assert_eq!(taken, (5, 5), "the first worker takes its share and leaves the rest");
         assert_eq!((table.accepted(0), table.accepted(1)), (100_005, 100_005));
     }
 
