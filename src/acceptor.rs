@@ -454,9 +454,7 @@ mod tests {
     /// settled (turns are kept loosely), and either may run 4,000 ahead of
     /// the other.
     fn two_busy_workers() -> (TcpListener, SharedTable, Acceptor, Acceptor) {
-        let (listener, table, mut acceptors) = workers(2);
-        let b = acceptors.pop().unwrap();
-        let a = acceptors.pop().unwrap();
+        let (listener, table, a, b) = two_fresh_workers();
         table.record(0, 100_000);
         table.record(1, 100_000);
         table.note_accept(monotonic_ns(), false);
