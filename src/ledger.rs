@@ -115,10 +115,15 @@ impl Table {
 
     /// The least count among active slots, leaving out `except`.
     fn floor(&self, except: Option<usize>) -> Option<u64> {
+        self.least(ACTIVE, except)
+    }
+
+    /// The least count among slots in `state`, leaving out `except`.
+    fn least(&self, state: u32, except: Option<usize>) -> Option<u64> {
         self.in_use()
             .iter()
             .enumerate()
-            .filter(|&(i, s)| Some(i) != except && s.state.load(SeqCst) == ACTIVE)
+            .filter(|&(i, s)| Some(i) != except && s.state.load(SeqCst) == state)
             .map(|(_, s)| s.accepted.load(SeqCst))
             .min()
     }
@@ -128,9 +133,7 @@ impl Table {
     /// with none active, level with the least-served excused one, which
     /// rejoins at its own count.
     pub fn attach(&self, slot: usize) {
-        let excused =
-            || self.in_use().iter().filter(|s| s.state.load(SeqCst) == EXCUSED).map(|s| s.accepted.load(SeqCst)).min();
-        let start = self.floor(None).or_else(excused).unwrap_or(0);
+        let start = self.floor(None).or_else(|| self.least(EXCUSED, None)).unwrap_or(0);
         let s = &self.slots[slot];
         s.accepted.store(start, SeqCst);
         s.state.store(ACTIVE, SeqCst);
