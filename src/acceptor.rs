@@ -158,8 +158,10 @@ impl Acceptor {
         }
         let mut taken = 0;
         loop {
-            let loose = self.loose_turns();
             let strict = self.table.allowance(self.slot, false, self.lag);
+            // Only asked when it matters: when this worker is not the one
+            // whose turn it is.
+            let loose = strict == 0 && self.loose_turns();
             let (allowed, queued) = if strict > 0 {
                 (strict, false)
             } else {
