@@ -298,6 +298,15 @@ impl WorkerChannel {
 mod tests {
     use super::*;
 
+    /// 100,000 `Ack` records: more than the socket holds.
+    fn many_records() -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for seq in 0..100_000 {
+            Record::Ack { seq, accepted: true }.encode(&mut bytes);
+        }
+        bytes
+    }
+
     /// Reads what the primary's end holds now, without waiting.
     fn read_all_now(fd: &OwnedFd) -> usize {
         let mut buf = [0u8; 65536];
@@ -319,10 +328,7 @@ mod tests {
         let mut channel = WorkerChannel::new(worker_end).unwrap();
         channel.write_timeout = PollTimeout::from(20u16);
         // More records than the socket holds, with nobody reading them.
-        let mut bytes = Vec::new();
-        for seq in 0..100_000 {
-            Record::Ack { seq, accepted: true }.encode(&mut bytes);
-        }
+        let bytes = many_records();
         assert_eq!(channel.write_all(&bytes).unwrap_err().errno, Errno::ETIMEDOUT);
         let sent = read_all_now(&primary_end);
         assert!(sent > 0 && sent < bytes.len(), "{sent} of {}", bytes.len());
@@ -336,10 +342,7 @@ mod tests {
     fn a_write_that_waited_for_room_goes_on() {
         let (primary_end, worker_end) = sys::stream_pair().unwrap();
         let channel = WorkerChannel::new(worker_end).unwrap();
-        let mut bytes = Vec::new();
-        for seq in 0..100_000 {
-            Record::Ack { seq, accepted: true }.encode(&mut bytes);
-        }
+        let bytes = many_records();
         let total = bytes.len();
         let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 65536];
