@@ -364,19 +364,20 @@ impl Acceptor {
     /// two workers; node:cluster's own round-robin ends our benchmark's runs
     /// at 0.01–0.04).
     fn lag(&self) -> u64 {
-        self.lag.max(self.spell_accepted() * LAG_PERCENT / 100)
+        self.lag.max(self.earned_lag())
     }
 
     /// Whether turns are kept loosely now: the busy spell is settled (the
     /// lag it earned exceeds the configured one) and the listener has no
     /// more workers than `cpus` (see the module's comment).
     fn loose_turns(&self) -> bool {
-        self.spell_accepted() * LAG_PERCENT / 100 > self.lag && self.table.active_workers() <= self.cpus
+        self.earned_lag() > self.lag && self.table.active_workers() <= self.cpus
     }
 
-    /// What this worker accepted in the current busy spell.
-    fn spell_accepted(&self) -> u64 {
-        self.table.accepted(self.slot).saturating_sub(self.spell_start)
+    /// The lag this worker earned in the current busy spell: `LAG_PERCENT`
+    /// of what it accepted in it.
+    fn earned_lag(&self) -> u64 {
+        self.table.accepted(self.slot).saturating_sub(self.spell_start) * LAG_PERCENT / 100
     }
 
     fn accept_one(&self) -> nix::Result<OwnedFd> {
