@@ -600,7 +600,7 @@ impl Loop {
                     c.broken = true;
                     break;
                 }
-                // Only `Return` records carry descriptors; the decoder drops any others.
+                // Only `Return` records carry descriptors here; any other record's are closed with it.
                 Ok((n, truncated)) => {
                     c.decoder.push(&buf[..n], fds, truncated);
                     // A short read emptied the socket; poll is level-triggered,

@@ -2,13 +2,18 @@
 //! carrying fixed-size records, with connection descriptors in `SCM_RIGHTS`.
 //!
 //! Some records own descriptors (`Conn` and `Return` one each, `Lease`
-//! three). Descriptors ride on the first byte of the `sendmsg` that carries
-//! their records, so they never arrive later than their records; the receiver
-//! keeps them in a FIFO and gives each record the next ones. That pairing
-//! survives any split of the byte stream, including a short write. When the
-//! receiver could not take every descriptor (out of fds: the kernel truncates
-//! `SCM_RIGHTS`), the records that lost theirs are marked, so they can be
-//! declined instead of mispaired.
+//! three). A message (one `sendmsg`) that carries descriptors starts on a
+//! record boundary, and its first record says how many it carries; its
+//! records take them in order. The kernel gives a message's descriptors,
+//! all together, to the read that takes its first byte (before or with the
+//! record that opens it), so the receiver keeps them in arrival order and
+//! each opening record claims its count. That survives any split of the
+//! byte stream (a short write sends its rest later, alone). When the
+//! receiver could not take every descriptor (out of fds: the kernel
+//! truncates `SCM_RIGHTS` and drops the rest), the read says so: a message
+//! whose count that read cannot fill lost the rest, and its records that
+//! find none are marked lost, to be declined, never given the next
+//! message's descriptors.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -21,6 +26,10 @@ use crate::sys::{self, SysResult, Syscall};
 pub const RECORD_LEN: usize = 12;
 /// Most descriptors in one message. Both ends size their buffers for it.
 pub const MAX_FDS_PER_MSG: usize = 32;
+/// The kind word's high half: in the first record of a message that
+/// carries descriptors, how many (`send` sets it).
+const CARRIED_SHIFT: u32 = 16;
+const KIND_MASK: u32 = (1 << CARRIED_SHIFT) - 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record {
@@ -82,7 +91,7 @@ impl Record {
     pub fn decode(bytes: &[u8; RECORD_LEN]) -> Option<Record> {
         let word = |i: usize| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
         let (a, b) = (word(1), word(2));
-        match word(0) {
+        match word(0) & KIND_MASK {
             CONN => Some(Record::Conn { listener: a, seq: b }),
             ACK if b <= 1 => Some(Record::Ack { seq: a, accepted: b == 1 }),
             READY => Some(Record::Ready { listener: a }),
@@ -95,12 +104,20 @@ impl Record {
     }
 }
 
-/// Reassembles records from a byte stream and pairs `Conn` records with fds.
+/// Reassembles records from a byte stream and gives each the descriptors it carries.
 #[derive(Default)]
 pub struct Decoder {
     bytes: Vec<u8>,
-    /// Descriptors in arrival order; `None` stands for one the kernel dropped.
-    fds: VecDeque<Option<OwnedFd>>,
+    /// Descriptors not yet claimed by a message, by the read that brought them.
+    arrived: VecDeque<Arrival>,
+    /// What the message being decoded has left, in order.
+    current: VecDeque<OwnedFd>,
+}
+
+struct Arrival {
+    fds: VecDeque<OwnedFd>,
+    /// The kernel dropped the rest of the message these end in.
+    truncated: bool,
 }
 
 /// A decoded record with the descriptors it carries, in the order sent, or
@@ -120,53 +137,79 @@ pub struct Received {
 }
 
 impl Decoder {
-    /// Adds one read. Its descriptors belong to the `Conn` records that begin
-    /// in it; after a truncated read the ones without a descriptor are marked.
+    /// Adds one read: its bytes, the descriptors it brought, and whether the
+    /// kernel dropped some of them (a message's, even when none arrived).
     pub fn push(&mut self, bytes: &[u8], fds: Vec<OwnedFd>, truncated: bool) {
-        let start = self.bytes.len();
         self.bytes.extend_from_slice(bytes);
-        let got = fds.len();
-        self.fds.extend(fds.into_iter().map(Some));
-        if truncated {
-            // The buffer starts on a record boundary, so records begin at multiples of RECORD_LEN.
-            let first = start.div_ceil(RECORD_LEN) * RECORD_LEN;
-            let wanted: usize = (first..self.bytes.len())
-                .step_by(RECORD_LEN)
-                .filter_map(|at| self.bytes.get(at..at + 4))
-                .map(|kind| fds_carried(u32::from_ne_bytes(kind.try_into().unwrap())))
-                .sum();
-            self.fds.extend((got..wanted).map(|_| None));
+        if !fds.is_empty() || truncated {
+            self.arrived.push_back(Arrival { fds: fds.into(), truncated });
+        }
+    }
+
+    /// The descriptors of a message that carries `count`: fewer when the
+    /// kernel dropped some of them.
+    fn claim(&mut self, count: usize) {
+        // What the last message left over (only a malformed one leaves any) is closed.
+        self.current.clear();
+        while self.current.len() < count {
+            let Some(arrival) = self.arrived.front_mut() else { break };
+            if arrival.fds.is_empty() {
+                let truncated = arrival.truncated;
+                self.arrived.pop_front();
+                if truncated {
+                    break;
+                }
+                continue;
+            }
+            let take = (count - self.current.len()).min(arrival.fds.len());
+            self.current.extend(arrival.fds.drain(..take));
         }
     }
 
     /// Decodes every whole record received so far.
     pub fn drain(&mut self, out: &mut Vec<Incoming>) {
         let whole = self.bytes.len() / RECORD_LEN * RECORD_LEN;
-        for chunk in self.bytes[..whole].chunks_exact(RECORD_LEN) {
+        let mut bytes = std::mem::take(&mut self.bytes);
+        for chunk in bytes[..whole].chunks_exact(RECORD_LEN) {
             let kind = u32::from_ne_bytes(chunk[..4].try_into().unwrap());
-            let wanted = fds_carried(kind);
-            if self.fds.len() < wanted {
-                // Descriptors never arrive after their record: a record that
-                // finds too few was sent without them, and is malformed.
-                continue;
+            let count = (kind >> CARRIED_SHIFT) as usize;
+            if count > 0 {
+                self.claim(count);
             }
-            let fds: Vec<Option<OwnedFd>> = self.fds.drain(..wanted).collect();
+            let wanted = fds_carried(kind & KIND_MASK);
+            let taken = wanted.min(self.current.len());
+            let fds: Vec<OwnedFd> = self.current.drain(..taken).collect();
             let Some(record) = Record::decode(chunk.try_into().unwrap()) else { continue };
-            let fds = fds.into_iter().collect::<Option<Vec<OwnedFd>>>();
+            // Too few: lost to a truncated read (or never sent); the ones
+            // that did come are closed with `fds`.
+            let fds = (taken == wanted).then_some(fds);
             out.push(Incoming { record, fds });
         }
-        self.bytes.drain(..whole);
+        bytes.drain(..whole);
+        self.bytes = bytes;
     }
 }
 
 /// Writes `bytes` with `fds` attached, without blocking. Returns the bytes sent:
 /// when fewer than all, every fd went with them and the rest must follow alone.
+///
+/// With descriptors, `bytes` must be whole records, those that carry them
+/// among them; `send` marks the first.
 pub fn send(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> SysResult<usize> {
     debug_assert!(fds.len() <= MAX_FDS_PER_MSG);
-    let iov = [IoSlice::new(bytes)];
-    let rights = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
-    socket::sendmsg::<()>(fd, &iov, cmsgs, MsgFlags::MSG_DONTWAIT, None).syscall("sendmsg")
+    if fds.is_empty() {
+        return socket::sendmsg::<()>(fd, &[IoSlice::new(bytes)], &[], MsgFlags::MSG_DONTWAIT, None).syscall("sendmsg");
+    }
+    debug_assert!(bytes.len() >= RECORD_LEN && bytes.len().is_multiple_of(RECORD_LEN));
+    let (kind, rest) = bytes.split_at(4);
+    let kind = opening(kind, fds.len());
+    let iov = [IoSlice::new(&kind), IoSlice::new(rest)];
+    socket::sendmsg::<()>(fd, &iov, &[ControlMessage::ScmRights(fds)], MsgFlags::MSG_DONTWAIT, None).syscall("sendmsg")
+}
+
+/// The kind word of a message's first record, with the count of descriptors the message carries.
+fn opening(kind: &[u8], carried: usize) -> [u8; 4] {
+    (u32::from_ne_bytes(kind.try_into().unwrap()) | (carried as u32) << CARRIED_SHIFT).to_ne_bytes()
 }
 
 /// Reads what is there (blocking or not, as the socket is); zero bytes is end
@@ -234,6 +277,14 @@ mod tests {
         out
     }
 
+    /// `records` as `send` writes them with `carried` descriptors.
+    fn message(records: &[Record], carried: usize) -> Vec<u8> {
+        let mut out = encode_all(records);
+        let kind = opening(&out[..4], carried);
+        out[..4].copy_from_slice(&kind);
+        out
+    }
+
     #[test]
     fn records_round_trip() {
         let all = [
@@ -255,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_records_are_skipped() {
+    fn malformed_records_are_skipped_and_a_conn_sent_without_its_fd_is_lost() {
         let mut bytes = encode_all(&[Record::Ready { listener: 1 }]);
         bytes.extend_from_slice(&[0xff; RECORD_LEN]); // unknown kind
         let mut bad_ack = Vec::new();
@@ -269,42 +320,52 @@ mod tests {
         d.push(&bytes, vec![], false);
         let mut out = Vec::new();
         d.drain(&mut out);
-        let got: Vec<Record> = out.iter().map(|i| i.record).collect();
-        assert_eq!(got, vec![Record::Ready { listener: 1 }, Record::Gone { listener: 1 }]);
+        let got: Vec<(Record, bool)> = out.iter().map(|i| (i.record, i.fds.is_some())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Record::Ready { listener: 1 }, true),
+                (Record::Conn { listener: 1, seq: 1 }, false),
+                (Record::Gone { listener: 1 }, true)
+            ]
+        );
     }
 
     #[test]
     fn decoder_handles_split_records_and_pairs_fds_in_order() {
         let (a, b) = sys::stream_pair().unwrap();
         let (x, _y) = sys::stream_pair().unwrap();
-        let bytes = encode_all(&[
-            Record::Conn { listener: 1, seq: 10 },
-            Record::Ack { seq: 5, accepted: true },
-            Record::Conn { listener: 2, seq: 11 },
-        ]);
-        let fds = [a.as_raw_fd(), x.as_raw_fd()];
-        // Send the first 5 bytes with both fds, the rest later, as after a short write.
         let (sa, sb) = sys::stream_pair().unwrap();
-        assert_eq!(send(sa.as_raw_fd(), &bytes[..5], &fds).unwrap(), 5);
-        assert_eq!(send(sa.as_raw_fd(), &bytes[5..], &[]).unwrap(), bytes.len() - 5);
+        let ack = encode_all(&[Record::Ack { seq: 5, accepted: true }]);
+        let conns = encode_all(&[Record::Conn { listener: 1, seq: 10 }, Record::Conn { listener: 2, seq: 11 }]);
+        assert_eq!(send(sa.as_raw_fd(), &ack, &[]).unwrap(), ack.len());
+        assert_eq!(send(sa.as_raw_fd(), &conns, &[a.as_raw_fd(), x.as_raw_fd()]).unwrap(), conns.len());
+        // Read five bytes at a time: records split across reads, and the
+        // descriptors come with a read that starts inside the Ack.
         let mut d = Decoder::default();
         let mut out = Vec::new();
         let mut total = 0;
-        while total < bytes.len() {
-            let mut buf = [0u8; 64];
+        while total < ack.len() + conns.len() {
+            let mut buf = [0u8; 5];
             let mut got = Vec::new();
             let n = recv(sb.as_raw_fd(), &mut buf, &mut got).unwrap().bytes;
             total += n;
             d.push(&buf[..n], got, false);
             d.drain(&mut out);
         }
-        assert_eq!(out.len(), 3);
-        assert_eq!(out[0].record, Record::Conn { listener: 1, seq: 10 });
-        assert!(out[1].fds.as_ref().unwrap().is_empty());
-        assert_eq!(out[2].record, Record::Conn { listener: 2, seq: 11 });
+        let got: Vec<(Record, Option<usize>)> =
+            out.iter().map(|i| (i.record, i.fds.as_ref().map(|f| f.len()))).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Record::Ack { seq: 5, accepted: true }, Some(0)),
+                (Record::Conn { listener: 1, seq: 10 }, Some(1)),
+                (Record::Conn { listener: 2, seq: 11 }, Some(1)),
+            ]
+        );
         // The received fds are new descriptors for the same sockets, in order:
         // writing into the first one's peer is readable through it.
-        let first = &out[0].fds.as_ref().unwrap()[0];
+        let first = &out[1].fds.as_ref().unwrap()[0];
         nix::unistd::write(b.as_fd(), b"hi").unwrap();
         let mut two = [0u8; 2];
         assert_eq!(nix::unistd::read(first.as_fd(), &mut two).unwrap(), 2);
@@ -347,18 +408,21 @@ mod tests {
         let (a, _b) = sys::stream_pair().unwrap();
         let mut d = Decoder::default();
         // A split record from before: its fd came with the earlier read.
-        let before = encode_all(&[Record::Conn { listener: 1, seq: 1 }]);
+        let before = message(&[Record::Conn { listener: 1, seq: 1 }], 1);
         d.push(&before[..5], vec![a], false);
-        // This read completes it and brings three more Conns, but only one fd.
+        // This read completes it, brings a Ready, and a message of three
+        // Conns of which only one fd arrived.
         let (x, _y) = sys::stream_pair().unwrap();
         let mut rest = before[5..].to_vec();
-        rest.extend(encode_all(&[
-            Record::Conn { listener: 1, seq: 2 },
-            Record::Ready { listener: 1 },
-            Record::Conn { listener: 1, seq: 3 },
-            Record::Conn { listener: 1, seq: 4 },
-        ]));
-        // Only records that begin in this read count: the split one does not.
+        rest.extend(encode_all(&[Record::Ready { listener: 1 }]));
+        rest.extend(message(
+            &[
+                Record::Conn { listener: 1, seq: 2 },
+                Record::Conn { listener: 1, seq: 3 },
+                Record::Conn { listener: 1, seq: 4 },
+            ],
+            3,
+        ));
         d.push(&rest, vec![x], true);
         let mut out = Vec::new();
         d.drain(&mut out);
@@ -368,12 +432,79 @@ mod tests {
             fds,
             vec![
                 (Record::Conn { listener: 1, seq: 1 }, Some(1)),
-                (Record::Conn { listener: 1, seq: 2 }, Some(1)),
                 (Record::Ready { listener: 1 }, Some(0)),
+                (Record::Conn { listener: 1, seq: 2 }, Some(1)),
                 (Record::Conn { listener: 1, seq: 3 }, None),
                 (Record::Conn { listener: 1, seq: 4 }, None),
             ]
         );
+    }
+
+    #[test]
+    fn a_message_that_lost_descriptors_never_takes_the_next_ones() {
+        let (sa, sb) = sys::stream_pair().unwrap();
+        let peers: Vec<(OwnedFd, OwnedFd)> = (0..6).map(|_| sys::stream_pair().unwrap()).collect();
+        let raw: Vec<RawFd> = peers.iter().map(|(p, _)| p.as_raw_fd()).collect();
+        let first = encode_all(&(1..=4).map(|seq| Record::Conn { listener: 1, seq }).collect::<Vec<_>>());
+        let second = encode_all(&[Record::Conn { listener: 2, seq: 5 }, Record::Conn { listener: 2, seq: 6 }]);
+        assert_eq!(send(sa.as_raw_fd(), &first, &raw[..4]).unwrap(), first.len());
+        assert_eq!(send(sa.as_raw_fd(), &second, &raw[4..]).unwrap(), second.len());
+        let mut d = Decoder::default();
+        // A read that ends two bytes into the second record, with room for
+        // two descriptors of four: the kernel truncates.
+        let mut buf = [0u8; RECORD_LEN + 2];
+        let mut got = Vec::new();
+        let received = recv_with_room(sb.as_raw_fd(), &mut buf, &mut got, 2).unwrap();
+        assert_eq!((received.bytes, got.len(), received.truncated), (RECORD_LEN + 2, 2, true));
+        d.push(&buf[..received.bytes], got, true);
+        // The next read brings the first message's rest and the whole second
+        // one, with the second one's descriptors (the kernel stops there).
+        let mut buf = [0u8; 256];
+        let mut got = Vec::new();
+        let received = recv(sb.as_raw_fd(), &mut buf, &mut got).unwrap();
+        let rest = first.len() + second.len() - RECORD_LEN - 2;
+        assert_eq!((received.bytes, got.len(), received.truncated), (rest, 2, false));
+        d.push(&buf[..received.bytes], got, false);
+        let mut out = Vec::new();
+        d.drain(&mut out);
+        let fds: Vec<(Record, Option<usize>)> =
+            out.iter().map(|i| (i.record, i.fds.as_ref().map(|f| f.len()))).collect();
+        assert_eq!(
+            fds,
+            vec![
+                (Record::Conn { listener: 1, seq: 1 }, Some(1)),
+                (Record::Conn { listener: 1, seq: 2 }, Some(1)),
+                (Record::Conn { listener: 1, seq: 3 }, None),
+                (Record::Conn { listener: 1, seq: 4 }, None),
+                (Record::Conn { listener: 2, seq: 5 }, Some(1)),
+                (Record::Conn { listener: 2, seq: 6 }, Some(1)),
+            ]
+        );
+        // Each received descriptor is the socket sent with its record.
+        for (i, sent) in [(0, 0), (1, 1), (4, 4), (5, 5)] {
+            nix::unistd::write(peers[sent].1.as_fd(), &[sent as u8]).unwrap();
+            let mut one = [9u8; 1];
+            assert_eq!(nix::unistd::read(out[i].fds.as_ref().unwrap()[0].as_fd(), &mut one).unwrap(), 1);
+            assert_eq!(one[0], sent as u8, "record {i} got another record's descriptor");
+        }
+    }
+
+    #[test]
+    fn descriptors_of_several_messages_in_one_read_go_to_each_by_its_count() {
+        // Linux gives each read one message's descriptors at most; a kernel
+        // that gave several at once must not confuse the decoder.
+        let pairs: Vec<(OwnedFd, OwnedFd)> = (0..3).map(|_| sys::stream_pair().unwrap()).collect();
+        let mut bytes = message(&[Record::Lease { listener: 1, slot: 0 }], 3);
+        bytes.extend(message(&[Record::Conn { listener: 2, seq: 7 }], 1));
+        let (a, _b) = sys::stream_pair().unwrap();
+        let mut fds: Vec<OwnedFd> = pairs.into_iter().map(|(p, _)| p).collect();
+        fds.push(a);
+        let mut d = Decoder::default();
+        d.push(&bytes, fds, false);
+        let mut out = Vec::new();
+        d.drain(&mut out);
+        let counts: Vec<Option<usize>> = out.iter().map(|i| i.fds.as_ref().map(|f| f.len())).collect();
+        assert_eq!(counts, vec![Some(3), Some(1)]);
     }
 
     #[test]
