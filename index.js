@@ -4,14 +4,17 @@
 // - In a primary: our primary, whose native core accepts connections.
 // - In a worker forked by a cluster-rs primary: our worker (set up by the preload).
 // - In a worker forked by node:cluster itself, and on Windows: node:cluster.
+// - In a primary where another copy of cluster-rs (another version, another
+//   path) came first: that copy's cluster. A process has one cluster.
 
 const WORKER = Symbol.for('cluster-rs.worker');
+const PRIMARY = Symbol.for('cluster-rs.primary');
 
 function load() {
   if (process.platform === 'win32') return require('node:cluster');
   if (globalThis[WORKER] !== undefined) return globalThis[WORKER];
   const builtin = require('node:cluster');
-  if (builtin.isWorker) return builtin;
+  if (builtin.isWorker || builtin[PRIMARY] !== undefined) return builtin;
   return require('./lib/primary.js');
 }
 

@@ -193,6 +193,26 @@ test('the addon: the one built here, opened directly; installed from the registr
     }
   });
 
+test('a second copy of cluster-rs in the primary, required after workers started, is the first one\'s cluster',
+  async () => {
+    // Another path to the same addon: one native core, as with a package
+    // installed twice. Before, the copy took node:cluster over again and
+    // dropped the running workers and settings.
+    const dir = fs.realpathSync(tmpdir());
+    try {
+      const copy = path.join(dir, 'cluster-rs');
+      for (const f of ['package.json', 'index.js', 'lib']) {
+        fs.cpSync(path.join(ROOT, f), path.join(copy, f), { recursive: true });
+      }
+      const built = `cluster-rs.${TRIPLE}.node`;
+      fs.symlinkSync(path.join(ROOT, built), path.join(copy, built));
+      const r = one(await runOk('api.js', ['copies', copy]), 'copies');
+      assert.deepEqual(r, { ev: 'copies', same: true, workers: ['1'], restart: true, body: 'worker 2' });
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
 test('a worker loads what connections need once its first round-robin server listens, not before', async () => {
   const r = one(await runOk('api.js', ['lazy']), 'lazy');
   const before = ['child.js', 'native.js', 'preload.js', 'protocol.js'];

@@ -39,6 +39,9 @@ const kStopped = Symbol('cluster-rs.stopped');
 let ids = 0;
 let initialized = false;
 
+// Marks the object as taken over: another copy of cluster-rs loaded later
+// in this process uses it as it is (see index.js).
+cluster[Symbol.for('cluster-rs.primary')] = __filename;
 cluster.isWorker = false;
 cluster.isMaster = true;
 cluster.isPrimary = true;
