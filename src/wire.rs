@@ -285,6 +285,24 @@ mod tests {
         out
     }
 
+    /// Every whole record `d` holds, and each with how many descriptors it
+    /// got (`None`: lost).
+    fn drained(d: &mut Decoder) -> (Vec<Incoming>, Vec<(Record, Option<usize>)>) {
+        let mut out = Vec::new();
+        d.drain(&mut out);
+        let shapes = out.iter().map(|i| (i.record, i.fds.as_ref().map(|f| f.len()))).collect();
+        (out, shapes)
+    }
+
+    /// Whether the descriptor `incoming` got is one of the socket whose
+    /// other end is `peer`: a byte written there reads through it.
+    fn reaches(incoming: &Incoming, peer: &OwnedFd, byte: u8) -> bool {
+        nix::unistd::write(peer.as_fd(), &[byte]).unwrap();
+        let mut one = [0u8; 1];
+        let n = nix::unistd::read(incoming.fds.as_ref().unwrap()[0].as_fd(), &mut one).unwrap();
+        n == 1 && one[0] == byte
+    }
+
     #[test]
     fn records_round_trip() {
         let all = [
@@ -318,15 +336,12 @@ mod tests {
         bytes.extend(encode_all(&[Record::Gone { listener: 1 }]));
         let mut d = Decoder::default();
         d.push(&bytes, vec![], false);
-        let mut out = Vec::new();
-        d.drain(&mut out);
-        let got: Vec<(Record, bool)> = out.iter().map(|i| (i.record, i.fds.is_some())).collect();
         assert_eq!(
-            got,
+            drained(&mut d).1,
             vec![
-                (Record::Ready { listener: 1 }, true),
-                (Record::Conn { listener: 1, seq: 1 }, false),
-                (Record::Gone { listener: 1 }, true)
+                (Record::Ready { listener: 1 }, Some(0)),
+                (Record::Conn { listener: 1, seq: 1 }, None),
+                (Record::Gone { listener: 1 }, Some(0))
             ]
         );
     }
@@ -363,13 +378,9 @@ mod tests {
                 (Record::Conn { listener: 2, seq: 11 }, Some(1)),
             ]
         );
-        // The received fds are new descriptors for the same sockets, in order:
-        // writing into the first one's peer is readable through it.
+        // The received fds are new descriptors for the same sockets, in order.
+        assert!(reaches(&out[1], &b, 1));
         let first = &out[1].fds.as_ref().unwrap()[0];
-        nix::unistd::write(b.as_fd(), b"hi").unwrap();
-        let mut two = [0u8; 2];
-        assert_eq!(nix::unistd::read(first.as_fd(), &mut two).unwrap(), 2);
-        assert_eq!(&two, b"hi");
         let flags = nix::fcntl::fcntl(first.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
         assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fds must be close-on-exec");
     }
@@ -393,14 +404,11 @@ mod tests {
         assert_eq!(got.len(), 2, "the two installed descriptors are ours (and closed with us)");
         let mut d = Decoder::default();
         d.push(&buf[..received.bytes], got, true);
-        let mut out = Vec::new();
-        d.drain(&mut out);
-        let fds: Vec<Option<usize>> = out.iter().map(|i| i.fds.as_ref().map(|f| f.len())).collect();
+        let (out, shapes) = drained(&mut d);
+        let fds: Vec<Option<usize>> = shapes.into_iter().map(|(_, n)| n).collect();
         assert_eq!(fds, vec![Some(1), Some(1), None]);
         // In order: the first one is the first socket sent.
-        nix::unistd::write(peers[0].1.as_fd(), b"1").unwrap();
-        let mut one = [0u8; 1];
-        assert_eq!(nix::unistd::read(out[0].fds.as_ref().unwrap()[0].as_fd(), &mut one).unwrap(), 1);
+        assert!(reaches(&out[0], &peers[0].1, 1));
     }
 
     #[test]
@@ -424,12 +432,8 @@ mod tests {
             3,
         ));
         d.push(&rest, vec![x], true);
-        let mut out = Vec::new();
-        d.drain(&mut out);
-        let fds: Vec<(Record, Option<usize>)> =
-            out.iter().map(|i| (i.record, i.fds.as_ref().map(|f| f.len()))).collect();
         assert_eq!(
-            fds,
+            drained(&mut d).1,
             vec![
                 (Record::Conn { listener: 1, seq: 1 }, Some(1)),
                 (Record::Ready { listener: 1 }, Some(0)),
@@ -465,12 +469,9 @@ mod tests {
         let rest = first.len() + second.len() - RECORD_LEN - 2;
         assert_eq!((received.bytes, got.len(), received.truncated), (rest, 2, false));
         d.push(&buf[..received.bytes], got, false);
-        let mut out = Vec::new();
-        d.drain(&mut out);
-        let fds: Vec<(Record, Option<usize>)> =
-            out.iter().map(|i| (i.record, i.fds.as_ref().map(|f| f.len()))).collect();
+        let (out, shapes) = drained(&mut d);
         assert_eq!(
-            fds,
+            shapes,
             vec![
                 (Record::Conn { listener: 1, seq: 1 }, Some(1)),
                 (Record::Conn { listener: 1, seq: 2 }, Some(1)),
@@ -481,11 +482,8 @@ mod tests {
             ]
         );
         // Each received descriptor is the socket sent with its record.
-        for (i, sent) in [(0, 0), (1, 1), (4, 4), (5, 5)] {
-            nix::unistd::write(peers[sent].1.as_fd(), &[sent as u8]).unwrap();
-            let mut one = [9u8; 1];
-            assert_eq!(nix::unistd::read(out[i].fds.as_ref().unwrap()[0].as_fd(), &mut one).unwrap(), 1);
-            assert_eq!(one[0], sent as u8, "record {i} got another record's descriptor");
+        for i in [0, 1, 4, 5] {
+            assert!(reaches(&out[i], &peers[i].1, i as u8), "record {i} got another record's descriptor");
         }
     }
 
@@ -501,9 +499,7 @@ mod tests {
         fds.push(a);
         let mut d = Decoder::default();
         d.push(&bytes, fds, false);
-        let mut out = Vec::new();
-        d.drain(&mut out);
-        let counts: Vec<Option<usize>> = out.iter().map(|i| i.fds.as_ref().map(|f| f.len())).collect();
+        let counts: Vec<Option<usize>> = drained(&mut d).1.into_iter().map(|(_, n)| n).collect();
         assert_eq!(counts, vec![Some(3), Some(1)]);
     }
 
@@ -523,14 +519,11 @@ mod tests {
         let n = recv(sb.as_raw_fd(), &mut buf, &mut got).unwrap().bytes;
         let mut d = Decoder::default();
         d.push(&buf[..n], got, false);
-        let mut out = Vec::new();
-        d.drain(&mut out);
-        let counts: Vec<usize> = out.iter().map(|i| i.fds.as_ref().unwrap().len()).collect();
-        assert_eq!(counts, vec![3, 0, 1]);
-        // The return got the fourth descriptor: its peer's writes read through it.
-        nix::unistd::write(pairs[3].1.as_fd(), b"4").unwrap();
-        let mut one = [0u8; 1];
-        assert_eq!(nix::unistd::read(out[2].fds.as_ref().unwrap()[0].as_fd(), &mut one).unwrap(), 1);
+        let (out, shapes) = drained(&mut d);
+        let counts: Vec<Option<usize>> = shapes.into_iter().map(|(_, n)| n).collect();
+        assert_eq!(counts, vec![Some(3), Some(0), Some(1)]);
+        // The return got the fourth descriptor.
+        assert!(reaches(&out[2], &pairs[3].1, 4));
     }
 
     #[test]
