@@ -602,10 +602,13 @@ impl Loop {
                 }
                 // Only `Return` records carry descriptors here; any other record's are closed with it.
                 Ok((n, truncated)) => {
+                    let carried = !fds.is_empty() || truncated;
                     c.decoder.push(&buf[..n], fds, truncated);
-                    // A short read emptied the socket; poll is level-triggered,
-                    // so a further read would only return EAGAIN.
-                    if n < buf.len() {
+                    // A short read emptied the socket (poll is level-triggered,
+                    // so a further read would only return EAGAIN), unless it
+                    // stopped after a message with descriptors, as the
+                    // kernel's reads do: there may be more behind it.
+                    if n < buf.len() && !carried {
                         break;
                     }
                 }
@@ -1277,6 +1280,41 @@ mod tests {
         worker.settle(&[batch[1]], &[]).unwrap();
         // SAFETY: settled as accepted, so the fd is ours to close.
         drop(unsafe { OwnedFd::from_raw_fd(batch[2] as i32) });
+        drop(worker);
+        lp.apply(Command::RemoveChannel { id: 10 });
+        assert!(lp.listeners[&1].pending.is_empty(), "a connection the worker took was queued for another");
+    }
+
+    #[test]
+    fn a_dead_workers_last_read_goes_past_a_message_with_descriptors() {
+        // As above, but the worker first gave back a connection it had
+        // accepted itself: the kernel ends a read after that message, and
+        // the acknowledgement behind it must still be read.
+        let mut lp = bare_loop(4);
+        let (listening, port) = loopback_listener();
+        lp.apply(Command::AddListener { id: 1, listening, ledger: None });
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        lp.apply(Command::AddChannel { id: 10, fd: primary_end });
+        let worker = WorkerChannel::new(worker_end).unwrap();
+        worker.ready(1).unwrap();
+        lp.read_channel(10);
+        let _client = connect(port);
+        wait_for(|| {
+            lp.accept_from(1);
+            !lp.listeners[&1].pending.is_empty()
+        });
+        lp.dispatch();
+        lp.flush();
+        let mut handed = Vec::new();
+        worker.drain(&mut handed, &mut Vec::new()).unwrap();
+        assert_eq!(handed.len(), 3);
+        let (own, _peer) = sys::stream_pair().unwrap();
+        let mut returned = Vec::new();
+        worker.adopt(1, vec![own], &mut returned);
+        worker.settle(&[], &[returned[1]]).unwrap();
+        worker.settle(&[handed[1]], &[]).unwrap();
+        // SAFETY: settled as accepted, so the fd is ours to close.
+        drop(unsafe { OwnedFd::from_raw_fd(handed[2] as i32) });
         drop(worker);
         lp.apply(Command::RemoveChannel { id: 10 });
         assert!(lp.listeners[&1].pending.is_empty(), "a connection the worker took was queued for another");
