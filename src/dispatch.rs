@@ -497,7 +497,13 @@ impl Loop {
                     let _ = done.send(());
                 }
             }
-            Command::Join { listener, channel } => self.join(channel, listener),
+            Command::Join { listener, channel } => {
+                // Whatever the worker wrote before it asked to listen (over
+                // IPC) comes first: a `Gone` for the server it closed, which
+                // would otherwise take back the slot this join is given.
+                self.read_channel(channel);
+                self.join(channel, listener);
+            }
             Command::Stats { reply } => {
                 let mut all: Vec<ChannelStats> = self
                     .channels
@@ -1318,6 +1324,33 @@ mod tests {
         drop(worker);
         lp.apply(Command::RemoveChannel { id: 10 });
         assert!(lp.listeners[&1].pending.is_empty(), "a connection the worker took was queued for another");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_worker_that_closes_its_server_and_listens_again_gets_a_lease_again() {
+        let mut lp = bare_loop(4);
+        let (listening, _port) = loopback_listener();
+        let ledger = ledger_share::ListenerLedger::create().unwrap();
+        lp.apply(Command::AddListener { id: 1, listening, ledger: Some(ledger) });
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        lp.apply(Command::AddChannel { id: 10, fd: primary_end });
+        let worker = WorkerChannel::new(worker_end).unwrap();
+        let leases_after = |lp: &mut Loop| {
+            lp.flush();
+            let mut leases = Vec::new();
+            worker.drain(&mut Vec::new(), &mut leases).unwrap();
+            leases.iter().map(|l| l.grant.is_some()).collect::<Vec<bool>>()
+        };
+        lp.apply(Command::Join { listener: 1, channel: 10 });
+        assert_eq!(leases_after(&mut lp), [true]);
+        // The server closes (`Gone` on the data channel) and listens again
+        // (the query over IPC, then `Join`) before the loop reads the `Gone`.
+        worker.gone(1).unwrap();
+        lp.apply(Command::Join { listener: 1, channel: 10 });
+        lp.read_channel(10);
+        assert_eq!(leases_after(&mut lp), [true], "the second listen got no lease");
+        assert!(lp.listeners[&1].members.contains(&10));
     }
 
     /// Waits until one of `workers` is offered a connection; returns which, and it.
