@@ -40,12 +40,13 @@ for (const module of ['rs', 'node']) {
 }
 
 // A worker the primary disconnected is draining, not orphaned: the
-// parent-death signal no longer applies to it.
-for (const module of ['rs', 'node']) {
-  test(`a disconnected worker finishes its request after the primary exits (${module})`, async () => {
+// parent-death signal no longer applies to it, also when the worker reads
+// the disconnect only after the primary has gone.
+for (const [module, mode] of [['rs', 'drain'], ['node', 'drain'], ['rs', 'drain-busy'], ['node', 'drain-busy']]) {
+  test(`a disconnected worker finishes its request after the primary exits (${module}, ${mode})`, async () => {
     let reply;
     let pids = [];
-    const result = await runPrimary('orphans.js', ['drain'], {
+    const result = await runPrimary('orphans.js', [mode], {
       module,
       keepGroup: true,
       onMessage(m) {

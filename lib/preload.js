@@ -31,8 +31,9 @@ if (id !== undefined && globalThis[WORKER] === undefined) {
   delete process.env[ENV.CHANNEL_FD];
   delete process.env[ENV.PRIMARY_PID];
 
-  // Never outlive the primary, even one killed by SIGKILL (Linux: the kernel
-  // sends SIGTERM; elsewhere the IPC channel's 'disconnect' ends us).
+  // Never outlive the primary, even one killed by SIGKILL: the IPC channel's
+  // 'disconnect' ends us (child.js), and on Linux a stuck loop is ended 2 s
+  // after the primary's death (src/parent.rs).
   const native = require('./native.js');
   delete process.env[ENV.ADDON];
   if (native.workerGuard(primaryPid)) process.exit(0);

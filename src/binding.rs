@@ -694,15 +694,11 @@ pub fn supervisor_cancel(slot: u32) -> bool {
     TIMERS.get().is_some_and(|t| t.cancel(slot))
 }
 
-/// Ties a worker's life to its primary's: on Linux the kernel sends SIGTERM
-/// when the primary dies, even by SIGKILL. Returns true when the primary is
-/// already gone (the worker should exit now).
+/// Ties a worker's life to its primary's (see `parent`). Returns true when
+/// the primary is already gone (the worker should exit now).
 #[napi]
 pub fn worker_guard(primary_pid: i32) -> bool {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
-    }
+    let _ = crate::parent::follow();
     primary_pid > 0 && nix::unistd::getppid().as_raw() != primary_pid
 }
 
@@ -710,8 +706,5 @@ pub fn worker_guard(primary_pid: i32) -> bool {
 /// even if the primary exits first, as node:cluster's workers do.
 #[napi]
 pub fn worker_unguard() {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        let _ = nix::sys::prctl::set_pdeathsig(None);
-    }
+    crate::parent::release();
 }

@@ -8,12 +8,14 @@
 //! - `acceptor` (Linux): a worker's own accept under the ledger.
 //! - `worker_channel`: the worker's receiving end.
 //! - `supervise`: restart backoff and its timers.
+//! - `parent`: a worker's tie to its primary's life.
 //! - `binding` (feature `node`): the napi functions `lib/native.js` calls.
 
 #[cfg(target_os = "linux")]
 pub mod acceptor;
 pub mod dispatch;
 pub mod ledger;
+pub mod parent;
 pub mod sockets;
 pub mod supervise;
 pub mod sys;
