@@ -154,6 +154,18 @@ async function purpose(mode, options = {}) {
   return result;
 }
 
+test('restarts and reloads fork a worker with the settings it was forked with, not the latest', {
+  timeout: 20000,
+}, async () => {
+  const result = await run('sup-launch.js');
+  assertCleanExit(result);
+  const kinds = pick(result, 'kind').map((m) => [m.id, m.kind]);
+  // 1 web and 2 jobs; 3 replaces web; 4 and 5 are the reload's.
+  assert.deepEqual(kinds.slice(0, 3).sort(), [[1, 'web'], [2, 'jobs'], [3, 'web']]);
+  assert.deepEqual(kinds.slice(3).map((k) => k[1]).sort(), ['jobs', 'web']);
+  assert.deepEqual(one(result, 'reloaded').workers.sort(), [4, 5]);
+});
+
 test('no restart after worker.kill()', {
   timeout: 20000,
 }, async () => {

@@ -31,7 +31,9 @@ const PRELOAD = path.join(__dirname, 'preload.js');
 
 const handles = new Map();
 const kChannel = Symbol('cluster-rs.channel');
-const kEnv = Symbol('cluster-rs.env');
+// What a worker was forked with: its env and the settings of the time,
+// which its restarts and reloads fork with again.
+const kLaunch = Symbol('cluster-rs.launch');
 const kSlot = Symbol('cluster-rs.slot');
 const kStarted = Symbol('cluster-rs.started');
 // Set when the app stops a worker on purpose (kill/destroy): never restarted.
@@ -173,8 +175,7 @@ function retireChannel(worker) {
   wakeDispatcherSoon();
 }
 
-function createWorkerProcess(id, workerEnv, channel) {
-  const settings = cluster.settings;
+function createWorkerProcess(id, { env: workerEnv, settings }, channel) {
   const execArgv = [...settings.execArgv];
 
   if (settings.inspectPort === null) throw badPort('Port', null, true);
@@ -225,17 +226,17 @@ function removeHandlesForWorker(worker) {
 
 cluster.fork = function fork(env) {
   cluster.setupPrimary();
-  return forkWorker(env, ids + 1);
+  return forkWorker({ env, settings: cluster.settings }, ids + 1);
 };
 
 // A new worker in `slot` (the id of the first worker that filled it; a
-// restarted or reloaded worker keeps its predecessor's slot and env).
-function forkWorker(env, slot) {
+// restarted or reloaded worker keeps its predecessor's slot and launch).
+function forkWorker(launch, slot) {
   const id = ++ids;
   const channel = openChannel();
   let workerProcess;
   try {
-    workerProcess = createWorkerProcess(id, env, channel);
+    workerProcess = createWorkerProcess(id, launch, channel);
   } catch (err) {
     if (channel) native.removeChannel(channel.id);
     throw err;
@@ -245,7 +246,7 @@ function forkWorker(env, slot) {
   }
   const worker = new Worker({ id, process: workerProcess });
   worker[kChannel] = channel ? channel.id : -1;
-  worker[kEnv] = env;
+  worker[kLaunch] = launch;
   worker[kSlot] = slot;
   worker[kStarted] = Date.now();
 
@@ -436,7 +437,7 @@ function stopAccepting() {
   }
 }
 
-const supervisor = createSupervisor({ cluster, forkWorker, keysOf, stopAccepting, kEnv, kSlot, kStarted, kStopped });
+const supervisor = createSupervisor({ cluster, forkWorker, keysOf, stopAccepting, kLaunch, kSlot, kStarted, kStopped });
 cluster.shutdown = function shutdown(options) { return supervisor.shutdown(options); };
 cluster.reload = function reload() { return supervisor.reload(); };
 

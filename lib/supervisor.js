@@ -61,11 +61,12 @@ function validateSettings(settings) {
   return restart;
 }
 
-// `primary` gives: cluster, forkWorker(env, slot), keysOf(worker),
-// stopAccepting(), and the worker symbols kEnv, kSlot, kStarted, kStopped.
+// `primary` gives: cluster, forkWorker(launch, slot), keysOf(worker),
+// stopAccepting(), and the worker symbols kLaunch (what a worker was forked
+// with: env and settings), kSlot, kStarted, kStopped.
 function createSupervisor(primary) {
   const { cluster } = primary;
-  const pending = new Map(); // slot -> { env, id }: restarts waiting for their delay
+  const pending = new Map(); // slot -> { launch, id }: restarts waiting for their delay
   const hooked = new Set();
   const retiring = new Set(); // workers disconnected by retire() that have not exited yet
   const kCandidate = Symbol('cluster-rs.reload-candidate');
@@ -127,12 +128,12 @@ function createSupervisor(primary) {
         worker[kReplacing]) {
       return;
     }
-    restartLater(worker[primary.kSlot], worker[primary.kEnv], Date.now() - worker[primary.kStarted],
+    restartLater(worker[primary.kSlot], worker[primary.kLaunch], Date.now() - worker[primary.kStarted],
                  { id: worker.id, code, signal });
   }
 
   // Schedules a restart of `slot` by the policy, or gives the slot up.
-  function restartLater(slot, env, uptime, info) {
+  function restartLater(slot, launch, uptime, info) {
     const decision = native.supervisorExit(slot, uptime, policy.delay, policy.maxDelay, policy.minUptime,
                                            policy.maxRestarts);
     if (decision.giveUp) {
@@ -144,7 +145,7 @@ function createSupervisor(primary) {
       }
       return;
     }
-    pending.set(slot, { env, id: info.id });
+    pending.set(slot, { launch, id: info.id });
     holdAlive();
   }
 
@@ -157,10 +158,10 @@ function createSupervisor(primary) {
     // A failed start is a quick failure: tried again, given up in the end.
     const failedStart = (id, err) => {
       process.emitWarning(`cluster-rs: restarting worker ${entry.id} failed: ${err.message}`, 'ClusterRsWarning');
-      if (mayRestart()) restartLater(slot, entry.env, 0, { id, code: null, signal: null });
+      if (mayRestart()) restartLater(slot, entry.launch, 0, { id, code: null, signal: null });
     };
     try {
-      fork(entry.env, slot, (worker, err) => failedStart(worker.id, err));
+      fork(entry.launch, slot, (worker, err) => failedStart(worker.id, err));
     } catch (err) {
       failedStart(entry.id, err); // no process at all (e.g. EMFILE making its channel)
     }
@@ -170,8 +171,8 @@ function createSupervisor(primary) {
   // 'error' (before 'fork', so before the app could listen) and no 'exit':
   // `onFailedStart` hears of it. Any other 'error' that only the
   // supervisor listens to is thrown, as an unhandled 'error' is.
-  function fork(env, slot, onFailedStart) {
-    const worker = primary.forkWorker(env, slot);
+  function fork(launch, slot, onFailedStart) {
+    const worker = primary.forkWorker(launch, slot);
     worker.on('error', ownListener(function onError(err) {
       if (this.process.pid === undefined) {
         if (onFailedStart) onFailedStart(this, err);
@@ -298,7 +299,7 @@ function createSupervisor(primary) {
     old[kReplacing] = true;
     let fresh;
     try {
-      fresh = fork(old[primary.kEnv], old[primary.kSlot]);
+      fresh = fork(old[primary.kLaunch], old[primary.kSlot]);
       fresh[kCandidate] = true;
       await whenReady(fresh, old);
     } catch (err) {
@@ -307,7 +308,7 @@ function createSupervisor(primary) {
       old[kReplacing] = false;
       // The old worker died and its replacement failed: restart the slot.
       if (old.isDead() && mayRestart() && !old.exitedAfterDisconnect) {
-        restartLater(old[primary.kSlot], old[primary.kEnv], Date.now() - old[primary.kStarted],
+        restartLater(old[primary.kSlot], old[primary.kLaunch], Date.now() - old[primary.kStarted],
                      { id: old.id, code: old.process.exitCode, signal: old.process.signalCode });
       }
       throw err;
