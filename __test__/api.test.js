@@ -65,6 +65,13 @@ test('settings.stdio: an explicit stdio array is used as given', async () => {
   assert.equal(done.stderr, 'to stderr\n');
 });
 
+test('settings.stdio shorter than 3 entries: the missing fds are pipes, and the data channel comes after them', async () => {
+  const [rs, node] = await both('api.js', ['short-stdio']);
+  for (const r of [rs, node]) {
+    assert.deepEqual(one(r, 'short-stdio'), { ev: 'short-stdio', body: 'worker 1', output: 'to stdout\n' });
+  }
+});
+
 test("serialization: 'advanced' carries Map, Set, BigInt and Date both ways", async () => {
   const [rs, node] = await both('api.js', ['advanced']);
   assert.deepEqual(rs.messages, node.messages);

@@ -137,7 +137,11 @@ function stdioWith(settings, channelFd) {
   if (typeof stdio === 'string') stdio = [stdio, stdio, stdio, 'ipc'];
   else if (!Array.isArray(stdio)) stdio = settings.silent ? ['pipe', 'pipe', 'pipe', 'ipc'] : [0, 1, 2, 'ipc'];
   if (channelFd === undefined) return { stdio, childFd: -1 };
-  return { stdio: [...stdio, channelFd], childFd: stdio.length };
+  // child_process gives the child fds 0-2 even where the array stops short
+  // (pipes, for missing entries): ours comes after them.
+  const padded = [...stdio];
+  while (padded.length < 3) padded.push(undefined);
+  return { stdio: [...padded, channelFd], childFd: padded.length };
 }
 
 function openChannel() {
