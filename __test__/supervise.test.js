@@ -207,6 +207,12 @@ test('restart after process.exit(1) in the worker', { timeout: 20000 }, async ()
   assertRestartedOnce(await purpose('exit1'), [1, null]);
 });
 
+test("restart after process.exit(1) even when an 'exit' listener of the app throws", { timeout: 20000 }, async () => {
+  const result = await purpose('exit1-throw');
+  assert.deepEqual(pick(result, 'uncaught').map((m) => m.message), ['a listener failed']);
+  assertRestartedOnce(result, [1, null]);
+});
+
 test('restart after an external SIGKILL of the worker', { timeout: 20000 }, async () => {
   const result = await purpose('sigkill', {
     onMessage(m) {

@@ -267,9 +267,13 @@ function forkWorker(launch, slot) {
     removeChannel(worker);
     worker.exitedAfterDisconnect = !!worker.exitedAfterDisconnect;
     worker.state = 'dead';
-    worker.emit('exit', exitCode, signalCode);
-    cluster.emit('exit', worker, exitCode, signalCode);
-    supervisor.onExit(worker, exitCode, signalCode);
+    try {
+      worker.emit('exit', exitCode, signalCode);
+      cluster.emit('exit', worker, exitCode, signalCode);
+    } finally {
+      // Even when a listener of the app threw: the slot is still restarted.
+      supervisor.onExit(worker, exitCode, signalCode);
+    }
   });
 
   worker.process.once('disconnect', () => {
