@@ -550,12 +550,15 @@ mod direct {
 
     pub fn start(receiver: &LoopReceiver, listener: u32, grant: Grant) {
         let lag = std::env::var("CLUSTER_RS_LAG").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_LAG);
+        // An acceptor from an earlier lease leaves first: the primary gives
+        // a worker that listens again its own slot back, which the new one
+        // attaches to and the old one's leave would free.
+        stop(listener);
         let Ok(acceptor) = Acceptor::new(grant.socket, grant.table, grant.progress, grant.slot as usize, lag) else {
             // The slot stays free; connections still reach this worker when
             // others return them.
             return;
         };
-        stop(listener);
         let fd = acceptor.poll_fd();
         let data = Box::into_raw(Box::new(Direct { listener, acceptor }));
         match new_poll(receiver.uv_loop, fd, data.cast(), on_ready) {
