@@ -1261,8 +1261,9 @@ mod tests {
         Loop::new(wake, commands, window, Duration::MAX, 0)
     }
 
-    #[test]
-    fn a_connection_a_worker_took_just_before_it_went_is_not_handed_on() {
+    /// A loop with listener 1 and worker 10, which has been handed one
+    /// connection: the worker's end, the batch it got, and the client.
+    fn handed_one() -> (Loop, WorkerChannel, Vec<u32>, TcpStream) {
         let mut lp = bare_loop(4);
         let (listening, port) = loopback_listener();
         lp.apply(Command::AddListener { id: 1, listening, ledger: None });
@@ -1271,7 +1272,7 @@ mod tests {
         let worker = WorkerChannel::new(worker_end).unwrap();
         worker.ready(1).unwrap();
         lp.read_channel(10);
-        let _client = connect(port);
+        let client = connect(port);
         wait_for(|| {
             lp.accept_from(1);
             !lp.listeners[&1].pending.is_empty()
@@ -1281,6 +1282,12 @@ mod tests {
         let mut batch = Vec::new();
         worker.drain(&mut batch, &mut Vec::new()).unwrap();
         assert_eq!(batch.len(), 3);
+        (lp, worker, batch, client)
+    }
+
+    #[test]
+    fn a_connection_a_worker_took_just_before_it_went_is_not_handed_on() {
+        let (mut lp, worker, batch, _client) = handed_one();
         // The worker takes it and exits; its primary removes the channel
         // before the loop has read the acknowledgement.
         worker.settle(&[batch[1]], &[]).unwrap();
@@ -1296,24 +1303,7 @@ mod tests {
         // As above, but the worker first gave back a connection it had
         // accepted itself: the kernel ends a read after that message, and
         // the acknowledgement behind it must still be read.
-        let mut lp = bare_loop(4);
-        let (listening, port) = loopback_listener();
-        lp.apply(Command::AddListener { id: 1, listening, ledger: None });
-        let (primary_end, worker_end) = sys::stream_pair().unwrap();
-        lp.apply(Command::AddChannel { id: 10, fd: primary_end });
-        let worker = WorkerChannel::new(worker_end).unwrap();
-        worker.ready(1).unwrap();
-        lp.read_channel(10);
-        let _client = connect(port);
-        wait_for(|| {
-            lp.accept_from(1);
-            !lp.listeners[&1].pending.is_empty()
-        });
-        lp.dispatch();
-        lp.flush();
-        let mut handed = Vec::new();
-        worker.drain(&mut handed, &mut Vec::new()).unwrap();
-        assert_eq!(handed.len(), 3);
+        let (mut lp, worker, handed, _client) = handed_one();
         let (own, _peer) = sys::stream_pair().unwrap();
         let mut returned = Vec::new();
         worker.adopt(1, vec![own], &mut returned);
