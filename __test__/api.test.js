@@ -264,6 +264,13 @@ test('fork() with a stdio array lacking ipc throws ERR_CHILD_PROCESS_IPC_REQUIRE
   assert.equal(one(rs, 'result').code, 'ERR_CHILD_PROCESS_IPC_REQUIRED');
 });
 
+test('fork() with a stdio string child_process does not know throws ERR_INVALID_ARG_VALUE', async () => {
+  const [rs, node] = await both('bad-input.js', ['stdio-bad-string']);
+  assert.deepEqual(rs.messages, node.messages);
+  assert.deepEqual(one(rs, 'result').results.map((r) => r.code), ['ERR_INVALID_ARG_VALUE', 'ERR_INVALID_ARG_VALUE']);
+  assert.equal(one(rs, 'result').workers, 0);
+});
+
 test('worker.send() without a message throws ERR_MISSING_ARGS', async () => {
   const [rs, node] = await both('bad-input.js', ['send-nothing']);
   assert.deepEqual(rs.messages, node.messages);

@@ -222,6 +222,18 @@ test('restart after an external SIGKILL of the worker', { timeout: 20000 }, asyn
   assertRestartedOnce(result, [null, 'SIGKILL']);
 });
 
+test('restart after an external SIGKILL, also when worker.kill() threw for a bad signal before', {
+  timeout: 20000,
+}, async () => {
+  const result = await purpose('kill-bad', {
+    onMessage(m) {
+      if (m.ev === 'kill-me') process.kill(m.pid, 'SIGKILL');
+    },
+  });
+  assert.deepEqual(pick(result, 'threw').map((m) => m.code), ['ERR_UNKNOWN_SIGNAL']);
+  assertRestartedOnce(result, [null, 'SIGKILL']);
+});
+
 test('cluster.disconnect() drops a restart that waits out its delay; the primary ends', { timeout: 20000 },
      async () => {
        // Without it, the restart would keep the primary running: the run times out.

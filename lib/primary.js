@@ -12,7 +12,7 @@ const native = require('./native.js');
 const { ENV, sendControl, controlListener } = require('./protocol.js');
 const { RoundRobinHandle, SharedHandle, ReusePortHandle } = require('./primary-handles.js');
 const { createSupervisor, validateSettings } = require('./supervisor.js');
-const { badPort, validatePort, systemError } = require('./errors.js');
+const { badPort, validatePort, systemError, invalidArgValue } = require('./errors.js');
 
 // node:cluster's own primary-side object (an EventEmitter), taken over: our
 // members replace its own below, so that `require('node:cluster')` and
@@ -71,8 +71,10 @@ cluster.setupPrimary = function setupPrimary(options) {
   };
 
   // One V8 profile log per process, as node:cluster arranges.
-  if (settings.execArgv.some((s) => s.startsWith('--prof')) &&
-      !settings.execArgv.some((s) => s.startsWith('--logfile='))) {
+  // (Not an array of strings: fork() says so, as under node:cluster.)
+  const flag = (prefix) => Array.isArray(settings.execArgv) &&
+    settings.execArgv.some((s) => typeof s === 'string' && s.startsWith(prefix));
+  if (flag('--prof') && !flag('--logfile=')) {
     settings.execArgv = [...settings.execArgv, '--logfile=v8-%p.log'];
   }
 
@@ -131,10 +133,24 @@ function inspectPortFor(setting) {
   return port;
 }
 
+// A stdio string as child_process.fork reads it, with the IPC channel.
+function stdioFromString(stdio) {
+  switch (stdio) {
+    case 'ignore':
+    case 'overlapped':
+    case 'pipe':
+      return [stdio, stdio, stdio, 'ipc'];
+    case 'inherit':
+      return [0, 1, 2, 'ipc'];
+    default:
+      throw invalidArgValue('stdio', stdio);
+  }
+}
+
 // fork()'s stdio, as child_process.fork would compute it, plus our channel.
 function stdioWith(settings, channelFd) {
   let stdio = settings.stdio;
-  if (typeof stdio === 'string') stdio = [stdio, stdio, stdio, 'ipc'];
+  if (typeof stdio === 'string') stdio = stdioFromString(stdio);
   else if (!Array.isArray(stdio)) stdio = settings.silent ? ['pipe', 'pipe', 'pipe', 'ipc'] : [0, 1, 2, 'ipc'];
   if (channelFd === undefined) return { stdio, childFd: -1 };
   // child_process gives the child fds 0-2 even where the array stops short
@@ -426,8 +442,10 @@ Worker.prototype.disconnect = function disconnect() {
 };
 
 Worker.prototype.destroy = function destroy(signo) {
-  this[kStopped] = true;
+  // After the signal went: a bad one throws (ERR_UNKNOWN_SIGNAL), and then
+  // the worker was not stopped.
   this.process.kill(signo || 'SIGTERM');
+  this[kStopped] = true;
 };
 
 // The server keys a worker is attached to.
