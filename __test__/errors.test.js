@@ -50,7 +50,7 @@ for (const policy of ['rr', 'none']) {
 }
 
 for (const policy of ['rr', 'none']) {
-  test(`a Unix socket in a missing directory, a descriptor not open: the errors node:cluster gives (${policy})`,
+  test(`a Unix socket in a missing directory, descriptors not open or not sockets, UDP addresses of the other family: the errors node:cluster gives (${policy})`,
        async () => {
          const env = { NODE_CLUSTER_SCHED_POLICY: policy };
          const [rs, node] = await Promise.all(['rs', 'node'].map((module) => runOk('listen-errors.js', [],
@@ -60,6 +60,10 @@ for (const policy of ['rr', 'none']) {
            // libuv reports a pipe bound in a missing directory as EACCES.
            missingDir: { code: 'EACCES', errno: -13, syscall: 'bind' },
            closedFd: { code: 'EINVAL', errno: -22, syscall: 'bind' },
+           notSocketFd: { code: 'EINVAL', errno: -22, syscall: 'bind' },
+           udp4On6: { code: 'EINVAL', errno: -22, syscall: 'bind' },
+           udp6On4: { code: 'EINVAL', errno: -22, syscall: 'bind' },
+           udpNotSocketFd: { code: 'EINVAL', errno: -22, syscall: 'open' },
          });
        });
 }

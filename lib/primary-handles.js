@@ -4,12 +4,14 @@
 // by the native core, and round-robin connections never touch JavaScript.
 
 const fs = require('node:fs');
+const { isIP } = require('node:net');
 const native = require('./native.js');
 const { serverHandle, udpHandle } = require('./handles.js');
 
 const UV_TCP_IPV6ONLY = 1;
 const UV_UDP_IPV6ONLY = 1;
 const UV_UDP_REUSEADDR = 4;
+const UV_EINVAL = -22;
 
 // Round-robin: the native core owns the socket; workers attach to it by
 // listener id over their data channel. Either the dispatcher thread accepts
@@ -72,10 +74,18 @@ class SharedHandle {
     const udp = addressType === 'udp4' || addressType === 'udp6';
     let result;
     if (typeof fd === 'number' && fd >= 0) {
-      // The application's own descriptor: wrap it as node:cluster does.
-      const handle = udp ? udpHandle(fd) : serverHandle(fd);
+      // The application's own descriptor: wrap it as node:cluster does
+      // (for UDP, only a UDP socket: anything else is EINVAL there too).
+      let handle;
+      if (!udp) handle = serverHandle(fd);
+      else if (native.isUdpSocket(fd)) handle = udpHandle(fd);
+      else handle = UV_EINVAL;
       if (typeof handle === 'number') this.errno = handle;
       else this.handle = handle;
+      return;
+    } else if (udp && address && isIP(address) !== (addressType === 'udp4' ? 4 : 6)) {
+      // The socket's type sets the family, as libuv's bind does.
+      this.errno = UV_EINVAL;
       return;
     } else if (udp) {
       result = native.bindSharedUdp(address || null, port | 0, Boolean(flags & UV_UDP_IPV6ONLY),

@@ -613,6 +613,12 @@ mod direct {
     }
 }
 
+/// Whether `fd` (the application's, in `bind({ fd })`) is a UDP socket.
+#[napi]
+pub fn is_udp_socket(fd: i32) -> bool {
+    sockets::is_udp_socket(fd)
+}
+
 /// An unbound socket of the given kind ("tcp4", "tcp6", "unix", "udp4", "udp6"),
 /// so JS can learn the class of handle Node makes for it. The caller owns it.
 #[napi]

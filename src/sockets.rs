@@ -251,13 +251,29 @@ pub fn listen_fd(fd: RawFd, n: i32) -> SysResult<Listening> {
         Errno::EBADF => SysError { syscall: "listen", errno: Errno::EINVAL },
         _ => e,
     })?;
-    let ty: SockType = socket::getsockopt(&fd, sockopt::SockType).syscall("getsockopt")?;
-    if ty != SockType::Stream {
+    // Not a stream socket (or not a socket at all): EINVAL, as Node says.
+    if socket::getsockopt(&fd, sockopt::SockType) != Ok(SockType::Stream) {
         return Err(SysError { syscall: "listen", errno: Errno::EINVAL });
     }
     sys::set_nonblocking(fd.as_fd(), true)?;
     start_listening(&fd, n)?;
     Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default() })
+}
+
+/// Whether `fd` is an open IPv4 or IPv6 datagram socket: what libuv takes
+/// for a UDP handle (`uv_guess_handle`).
+pub fn is_udp_socket(fd: RawFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `ty` and `len` are valid for writes of the sizes given; a
+    // number that is not an open socket only makes the call fail.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut libc::c_int).cast(), &mut len)
+    };
+    rc == 0
+        && ty == libc::SOCK_DGRAM
+        && socket::getsockname::<SockaddrStorage>(fd)
+            .is_ok_and(|a| matches!(a.family(), Some(AddressFamily::Inet | AddressFamily::Inet6)))
 }
 
 /// The local address of an inet socket; `None` for a Unix socket.
