@@ -254,6 +254,15 @@ test('restarts that cannot be spawned count as quick failures and end in giveup'
        assert.match(pick(result, 'warning')[0].message, /spawn .* ENOENT/);
      });
 
+test('restarts that cannot be spawned are quick failures with minUptime: 0 too', { timeout: 20000 }, async () => {
+  const result = await run('sup-races.js', ['spawn-fail', '0']);
+  assertCleanExit(result);
+  // The crash counts as a healthy run (minUptime 0); the three failed spawns
+  // after it do not.
+  assert.deepEqual(one(result, 'primary-exit').forks, [1, 2, 3, 4]);
+  assert.deepEqual(one(result, 'giveup').info, { id: 4, restarts: 2, code: null, signal: null });
+});
+
 // ---------------------------------------------------------------- reload
 
 function checkReload(result, { waitReady }) {

@@ -158,7 +158,8 @@ function createSupervisor(primary) {
     // A failed start is a quick failure: tried again, given up in the end.
     const failedStart = (id, err) => {
       process.emitWarning(`cluster-rs: restarting worker ${entry.id} failed: ${err.message}`, 'ClusterRsWarning');
-      if (mayRestart()) restartLater(slot, entry.launch, 0, { id, code: null, signal: null });
+      // (An uptime of -1: never started, a quick failure whatever minUptime is.)
+      if (mayRestart()) restartLater(slot, entry.launch, -1, { id, code: null, signal: null });
     };
     try {
       fork(entry.launch, slot, (worker, err) => failedStart(worker.id, err));

@@ -664,8 +664,9 @@ pub struct RestartDecision {
     pub quick_failures: u32,
 }
 
-/// Records that the worker in `slot` exited after `uptimeMs` and, unless the
-/// slot is given up, schedules its restart. Durations are in milliseconds.
+/// Records that the worker in `slot` exited after `uptimeMs` (negative: its
+/// process could not be spawned) and, unless the slot is given up,
+/// schedules its restart. Durations are in milliseconds.
 #[napi]
 pub fn supervisor_exit(
     slot: u32,
@@ -682,7 +683,9 @@ pub fn supervisor_exit(
         min_uptime: ms(min_uptime_ms),
         max_restarts: max_restarts.max(0.0).min(u32::MAX as f64) as u32,
     };
-    let decision = SLOTS.lock().unwrap().get_or_insert_with(Slots::default).on_exit(slot, &policy, ms(uptime_ms));
+    // A negative uptime: the process could not be spawned.
+    let uptime = (uptime_ms >= 0.0).then(|| ms(uptime_ms));
+    let decision = SLOTS.lock().unwrap().get_or_insert_with(Slots::default).on_exit(slot, &policy, uptime);
     match decision {
         Decision::GiveUp { quick_failures } => RestartDecision { give_up: true, delay_ms: 0.0, quick_failures },
         Decision::RestartAfter { delay, quick_failures } => {

@@ -45,8 +45,10 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn on_exit(&mut self, policy: &Policy, uptime: Duration) -> Decision {
-        if uptime >= policy.min_uptime {
+    /// `uptime`: how long the worker ran; `None` when its process could not
+    /// be spawned, which is a quick failure whatever `min_uptime` is.
+    pub fn on_exit(&mut self, policy: &Policy, uptime: Option<Duration>) -> Decision {
+        if uptime.is_some_and(|u| u >= policy.min_uptime) {
             self.quick_failures = 0;
             return Decision::RestartAfter { delay: policy.delay, quick_failures: 0 };
         }
@@ -67,7 +69,7 @@ pub struct Slots {
 }
 
 impl Slots {
-    pub fn on_exit(&mut self, slot: u32, policy: &Policy, uptime: Duration) -> Decision {
+    pub fn on_exit(&mut self, slot: u32, policy: &Policy, uptime: Option<Duration>) -> Decision {
         let decision = self.slots.entry(slot).or_default().on_exit(policy, uptime);
         if matches!(decision, Decision::GiveUp { .. }) {
             self.slots.remove(&slot);
@@ -168,35 +170,45 @@ mod tests {
         let policy = Policy { max_restarts: 10, max_delay: Duration::from_millis(1000), ..Policy::default() };
         let mut slot = Slot::default();
         let delays: Vec<u64> = (0..10)
-            .map(|_| match slot.on_exit(&policy, QUICK) {
+            .map(|_| match slot.on_exit(&policy, Some(QUICK)) {
                 Decision::RestartAfter { delay, .. } => delay.as_millis() as u64,
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
         assert_eq!(delays, [100, 200, 400, 800, 1000, 1000, 1000, 1000, 1000, 1000]);
-        assert_eq!(slot.on_exit(&policy, QUICK), Decision::GiveUp { quick_failures: 11 });
+        assert_eq!(slot.on_exit(&policy, Some(QUICK)), Decision::GiveUp { quick_failures: 11 });
     }
 
     #[test]
     fn a_healthy_run_resets_the_backoff() {
         let policy = Policy::default();
         let mut slot = Slot::default();
-        slot.on_exit(&policy, QUICK);
-        slot.on_exit(&policy, QUICK);
+        slot.on_exit(&policy, Some(QUICK));
+        slot.on_exit(&policy, Some(QUICK));
         assert_eq!(slot.quick_failures, 2);
-        let d = slot.on_exit(&policy, Duration::from_secs(5));
+        let d = slot.on_exit(&policy, Some(Duration::from_secs(5)));
         assert_eq!(d, Decision::RestartAfter { delay: Duration::from_millis(100), quick_failures: 0 });
         assert_eq!(
-            slot.on_exit(&policy, QUICK),
+            slot.on_exit(&policy, Some(QUICK)),
             Decision::RestartAfter { delay: Duration::from_millis(100), quick_failures: 1 }
         );
+    }
+
+    #[test]
+    fn a_process_that_could_not_be_spawned_is_a_quick_failure_even_with_no_min_uptime() {
+        let policy = Policy { min_uptime: Duration::ZERO, max_restarts: 2, ..Policy::default() };
+        let mut slot = Slot::default();
+        assert!(matches!(slot.on_exit(&policy, Some(QUICK)), Decision::RestartAfter { quick_failures: 0, .. }));
+        assert!(matches!(slot.on_exit(&policy, None), Decision::RestartAfter { quick_failures: 1, .. }));
+        assert!(matches!(slot.on_exit(&policy, None), Decision::RestartAfter { quick_failures: 2, .. }));
+        assert_eq!(slot.on_exit(&policy, None), Decision::GiveUp { quick_failures: 3 });
     }
 
     #[test]
     fn zero_max_restarts_gives_up_on_the_first_quick_failure() {
         let policy = Policy { max_restarts: 0, ..Policy::default() };
         let mut slots = Slots::default();
-        assert_eq!(slots.on_exit(7, &policy, QUICK), Decision::GiveUp { quick_failures: 1 });
+        assert_eq!(slots.on_exit(7, &policy, Some(QUICK)), Decision::GiveUp { quick_failures: 1 });
         // A given-up slot starts afresh if it is ever used again.
         assert!(slots.slots.is_empty());
     }
@@ -206,7 +218,7 @@ mod tests {
         let policy = Policy { max_restarts: u32::MAX, ..Policy::default() };
         let mut slot = Slot { quick_failures: 1000 };
         assert!(
-            matches!(slot.on_exit(&policy, QUICK), Decision::RestartAfter { delay, .. } if delay == policy.max_delay)
+            matches!(slot.on_exit(&policy, Some(QUICK)), Decision::RestartAfter { delay, .. } if delay == policy.max_delay)
         );
     }
 
