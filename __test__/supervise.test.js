@@ -429,6 +429,22 @@ test('shutdown() during a reload waits for the worker the reload is draining; th
        assert.equal(one(result, 'reload').code, 'ERR_CLUSTER_RS_RELOAD_ABORTED');
      });
 
+test('shutdown() waits for a worker the app disconnected, and kills it on its timeout', { timeout: 20000 },
+     async () => {
+       const result = await run('sup-races.js', ['shutdown-drained']);
+       assertCleanExit(result);
+       const shutdown = one(result, 'shutdown');
+       assert.equal(shutdown.oldAlive, false, 'the draining worker outlived shutdown()');
+       assert.ok(shutdown.ms >= 200 - TOLERANCE, `resolved after ${shutdown.ms} ms, before its timeout`);
+     });
+
+test("shutdown() resolves though an 'exit' listener of the app throws", { timeout: 20000 }, async () => {
+  const result = await run('sup-races.js', ['exit-throws']);
+  assertCleanExit(result);
+  assert.deepEqual(pick(result, 'uncaught').map((m) => m.message), ['a listener failed']);
+  assert.deepEqual(one(result, 'shutdown').workers, 0);
+});
+
 // ---------------------------------------------------------------- signals
 
 test('shutdownOn SIGTERM: the primary shuts down and exits 0', { timeout: 20000 }, async () => {

@@ -286,10 +286,14 @@ function forkWorker(launch, slot) {
     try {
       worker.emit('exit', exitCode, signalCode);
       cluster.emit('exit', worker, exitCode, signalCode);
-    } finally {
-      // Even when a listener of the app threw: the slot is still restarted.
-      supervisor.onExit(worker, exitCode, signalCode);
+    } catch (err) {
+      // A listener of the app threw. That surfaces as uncaught, as it would
+      // have, but only once the process's other 'exit' listeners (what
+      // shutdown() and reload() wait on) have run, and the slot is still
+      // restarted.
+      process.nextTick(rethrow, err);
     }
+    supervisor.onExit(worker, exitCode, signalCode);
   });
 
   worker.process.once('disconnect', () => {
@@ -301,14 +305,22 @@ function forkWorker(launch, slot) {
     if (worker.isDead()) removeWorker(worker);
     worker.exitedAfterDisconnect = !!worker.exitedAfterDisconnect;
     worker.state = 'disconnected';
-    worker.emit('disconnect');
-    cluster.emit('disconnect', worker);
+    try {
+      worker.emit('disconnect');
+      cluster.emit('disconnect', worker);
+    } catch (err) {
+      process.nextTick(rethrow, err); // as for 'exit'
+    }
   });
 
   worker.process.on('internalMessage', controlListener(worker, onmessage));
   process.nextTick(emitFork, worker);
   cluster.workers[worker.id] = worker;
   return worker;
+}
+
+function rethrow(err) {
+  throw err;
 }
 
 function emitFork(worker) {
@@ -438,6 +450,7 @@ Worker.prototype.disconnect = function disconnect() {
   send(this, { act: 'disconnect' });
   removeHandlesForWorker(this);
   removeWorker(this);
+  supervisor.draining(this);
   return this;
 };
 

@@ -68,7 +68,7 @@ function createSupervisor(primary) {
   const { cluster } = primary;
   const pending = new Map(); // slot -> { launch, id }: restarts waiting for their delay
   const hooked = new Set();
-  const retiring = new Set(); // workers disconnected by retire() that have not exited yet
+  const retiring = new Set(); // workers disconnected (by us or the app) that have not exited yet
   const kCandidate = Symbol('cluster-rs.reload-candidate');
   const kReplacing = Symbol('cluster-rs.being-replaced');
   const kOwnListener = Symbol('cluster-rs.supervisor-listener');
@@ -195,6 +195,14 @@ function createSupervisor(primary) {
     holdAlive();
   }
 
+  // `worker` was disconnected and drains: shutdown() waits for it (and
+  // kills it on its timeout) though it is no longer listed.
+  function draining(worker) {
+    if (worker.isDead() || retiring.has(worker)) return;
+    retiring.add(worker);
+    worker.process.once('exit', () => retiring.delete(worker));
+  }
+
   function exited(worker) {
     return new Promise((resolve) => {
       if (worker.isDead()) resolve();
@@ -207,8 +215,7 @@ function createSupervisor(primary) {
     const gone = Promise.all(workers.map(exited));
     for (const worker of workers) {
       if (worker.isDead()) continue;
-      retiring.add(worker);
-      worker.process.once('exit', () => retiring.delete(worker));
+      draining(worker);
       if (worker.isConnected()) worker.disconnect();
     }
     const killer = setTimeout(() => {
@@ -343,7 +350,7 @@ function createSupervisor(primary) {
     suspended = false;
   }
 
-  return { configure, onExit, shutdown, reload, suspend, resume };
+  return { configure, onExit, draining, shutdown, reload, suspend, resume };
 }
 
 module.exports = { createSupervisor, validateSettings };
