@@ -466,6 +466,21 @@ test('shutdownOn SIGTERM: the primary shuts down and exits 0', { timeout: 20000 
   assert.deepEqual(one(result, 'primary-exit').code, 0);
 });
 
+test('a later setupPrimary() moves a signal from reloadOn to shutdownOn, and drops the one it no longer names', {
+  timeout: 20000,
+}, async () => {
+  const result = await run('sup-signals.js', ['moved'], {
+    onMessage(m, child) {
+      if (m.ev === 'ready') child.kill('SIGHUP');
+    },
+  });
+  assertCleanExit(result);
+  const hooks = one(result, 'hooks');
+  assert.deepEqual([hooks.SIGHUP, hooks.SIGTERM], [1, 0], 'listeners on process for SIGHUP and SIGTERM');
+  assert.deepEqual(pick(result, 'fork').map((m) => m.id), [1, 2], 'SIGHUP reloaded instead of shutting down');
+  assert.deepEqual(one(result, 'primary-exit').code, 0);
+});
+
 test('reloadOn SIGHUP replaces every worker; then SIGTERM shuts down', { timeout: 20000 }, async () => {
   const pids = new Set();
   let hupped = false;

@@ -67,7 +67,7 @@ function validateSettings(settings) {
 function createSupervisor(primary) {
   const { cluster } = primary;
   const pending = new Map(); // slot -> { launch, id }: restarts waiting for their delay
-  const hooked = new Set();
+  const hooked = new Map(); // signal -> the listener we put on process
   const retiring = new Set(); // workers disconnected (by us or the app) that have not exited yet
   const kCandidate = Symbol('cluster-rs.reload-candidate');
   const kReplacing = Symbol('cluster-rs.being-replaced');
@@ -98,19 +98,34 @@ function createSupervisor(primary) {
     policy = validateSettings(settings);
     if (policy) start();
     else cancelRestarts();
-    for (const signal of settings.shutdownOn ? validateSignals(settings.shutdownOn, 'options.shutdownOn') : []) {
-      hook(signal, () => shutdown().then(() => process.exit(0), () => process.exit(1)));
-    }
+    // The hooks follow the settings: a signal moved from reloadOn to
+    // shutdownOn, or dropped, is moved or dropped. (A signal in both shuts
+    // down.)
+    const wanted = new Map();
     for (const signal of settings.reloadOn ? validateSignals(settings.reloadOn, 'options.reloadOn') : []) {
-      hook(signal, () => reload().catch((err) => process.emitWarning(`cluster-rs: reload failed: ${err.message}`,
-                                                                      'ClusterRsWarning')));
+      wanted.set(signal, onReloadSignal);
+    }
+    for (const signal of settings.shutdownOn ? validateSignals(settings.shutdownOn, 'options.shutdownOn') : []) {
+      wanted.set(signal, onShutdownSignal);
+    }
+    for (const [signal, fn] of hooked) {
+      if (wanted.get(signal) === fn) continue;
+      process.removeListener(signal, fn);
+      hooked.delete(signal);
+    }
+    for (const [signal, fn] of wanted) {
+      if (hooked.has(signal)) continue;
+      hooked.set(signal, fn);
+      process.on(signal, fn);
     }
   }
 
-  function hook(signal, fn) {
-    if (hooked.has(signal)) return;
-    hooked.add(signal);
-    process.on(signal, fn);
+  function onShutdownSignal() {
+    shutdown().then(() => process.exit(0), () => process.exit(1));
+  }
+
+  function onReloadSignal() {
+    reload().catch((err) => process.emitWarning(`cluster-rs: reload failed: ${err.message}`, 'ClusterRsWarning'));
   }
 
   // Whether anything may be restarted now: a policy is set, and no
