@@ -258,6 +258,8 @@ impl Acceptor {
             // Each skipped error took a connection off the queue; as many as
             // a whole turn's worth is the socket failing, not its connections.
             let mut skipped = 0;
+            // At most MAX_PER_TURN in this wake-up, however far the lag goes.
+            let allowed = allowed.min((MAX_PER_TURN - taken) as u64);
             while got < allowed {
                 match self.accept_one() {
                     Ok(fd) => {
@@ -521,6 +523,18 @@ mod tests {
         a.run(&mut got_a);
         b.run(&mut got_b);
         (got_a.len(), got_b.len())
+    }
+
+    #[test]
+    fn one_wake_up_accepts_at_most_max_per_turn() {
+        let (listener, table, mut a, _b) = two_busy_workers();
+        // SAFETY: listen() on a socket this test owns; room for 300.
+        unsafe { libc::listen(listener.as_raw_fd(), 1024) };
+        let _clients = connect(&listener, 300);
+        table.note_accept(monotonic_ns(), true); // still under load
+        let mut got = Vec::new();
+        a.run(&mut got);
+        assert_eq!(got.len(), super::MAX_PER_TURN, "the rest waits for the next turn");
     }
 
     #[test]

@@ -169,7 +169,7 @@ impl Table {
         }
         if queued {
             let floor = self.floor(None).unwrap_or(mine).min(mine);
-            (floor + lag.max(1)).saturating_sub(mine)
+            floor.saturating_add(lag.max(1)).saturating_sub(mine)
         } else {
             u64::from(self.ahead_of(slot, mine, false, lag).next().is_none())
         }
@@ -251,6 +251,11 @@ impl Table {
     /// Excuses the active workers that keep `slot` from accepting (under the
     /// rule for `queued`, as `allowance`). Returns how many.
     pub fn excuse_laggards(&self, slot: usize, queued: bool, lag: u64) -> usize {
+        // Only a worker that counts may judge the others: one whose slot the
+        // primary has freed (it is leaving) may not.
+        if self.slots[slot].state.load(SeqCst) != ACTIVE {
+            return 0;
+        }
         let mine = self.slots[slot].accepted.load(SeqCst);
         self.ahead_of(slot, mine, queued, lag)
             .filter(|s| s.state.compare_exchange(ACTIVE, EXCUSED, SeqCst, SeqCst).is_ok())
@@ -523,6 +528,23 @@ mod tests {
         t.excuse_laggards(2, true, 8);
         assert_eq!(t.level(), 0, "excused workers rejoin by their own rule");
         assert_eq!((t.accepted(0), t.accepted(1)), (100, 100));
+    }
+
+    #[test]
+    fn a_huge_lag_lets_a_worker_accept_instead_of_overflowing() {
+        let t = table(2);
+        t.record(0, 5);
+        t.record(1, 5);
+        assert!(t.allowance(1, true, u64::MAX - 1) > 0);
+    }
+
+    #[test]
+    fn a_worker_whose_slot_was_freed_excuses_nobody() {
+        let t = table(2);
+        t.record(1, 3);
+        t.detach(1);
+        assert_eq!(t.excuse_laggards(1, false, 8), 0);
+        assert!(!t.excused(0));
     }
 
     #[test]
