@@ -11,9 +11,14 @@
 //! under load nobody idles while the kernel's queue is full.
 //!
 //! A worker that holds the others back for too long (a busy loop, a long
-//! synchronous handler) is excused: it no longer counts until it accepts
-//! again, and then it joins level with the least-served of the others, so a
-//! stall is never paid back by stalling everyone else.
+//! synchronous handler) is excused: it no longer counts until its loop next
+//! looks for connections, and then it joins level with the least-served of
+//! the others, so a stall is never paid back by stalling everyone else.
+//! (It rejoins when it looks, not when it accepts: an excused worker that
+//! only rejoined on accepting lost every tie in strict turns to the lower
+//! slots and could never take a lone connection. So a worker that is busy
+//! in long handlers and looks between them holds the next lone connection
+//! up to 25 ms again.)
 //!
 //! Shares are kept within a busy spell, not across quiet ones: once nobody
 //! has accepted for a while (and not because connections wait for busy
