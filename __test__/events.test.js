@@ -10,9 +10,11 @@ after(killAll);
 
 // Per worker id: the events the primary process saw, in order ('primary'),
 // and what the worker printed itself ('worker'). Ports are replaced by 'P'
-// once checked to be the one shared port. Worker 2 is kill()ed, and whether
-// its 'disconnect' or its 'exit' comes first is up to the OS, so its tail is
-// kept in a canonical order without the fields that depend on it.
+// once checked to be the one shared port. Worker 2 is kill()ed and worker 3
+// kills itself: whether the primary sees their 'disconnect' or their 'exit'
+// first is up to the OS (under node:cluster too), so from the first of them
+// on their events are kept in a canonical order without the fields that
+// depend on it.
 function normalize(result) {
   const byId = {};
   const ports = new Set();
@@ -27,11 +29,15 @@ function normalize(result) {
     byId[id] ??= { primary: [], worker: [] };
     byId[id][entry.src === 'worker-side' ? 'worker' : 'primary'].push(entry);
   }
-  const killed = byId[2].primary;
-  const at = killed.findIndex((e) => e.name === 'after-kill()');
-  const tail = killed.splice(at + 1).map(({ src, name, ead, code, signal }) => ({ src, name, ead, code, signal }));
-  tail.sort((a, b) => `${a.name}${a.src}`.localeCompare(`${b.name}${b.src}`));
-  killed.push(...tail);
+  for (const id of [2, 3]) {
+    const killed = byId[id].primary;
+    const at = killed.findIndex((e) => e.name === 'disconnect' || e.name === 'exit');
+    const tail = killed.splice(at).map(({ src, name, ead, code, signal }) => ({ src, name, ead, code, signal }));
+    // By event, the worker's before the cluster's, as they are emitted.
+    const key = (e) => `${e.name}:${e.src === 'worker' ? 0 : 1}:${e.src}`;
+    tail.sort((a, b) => key(a).localeCompare(key(b)));
+    killed.push(...tail);
+  }
   return { byId, ports: [...ports] };
 }
 
