@@ -429,6 +429,12 @@ test('shutdown() during a reload waits for the worker the reload is draining; th
        assert.equal(one(result, 'reload').code, 'ERR_CLUSTER_RS_RELOAD_ABORTED');
      });
 
+test("shutdown() while a reload's replacement starts aborts the reload", { timeout: 20000 }, async () => {
+  const result = await run('sup-races.js', ['shutdown-replacing']);
+  assertCleanExit(result);
+  assert.equal(one(result, 'reload').code, 'ERR_CLUSTER_RS_RELOAD_ABORTED');
+});
+
 test('shutdown() waits for a worker the app disconnected, and kills it on its timeout', { timeout: 20000 },
      async () => {
        const result = await run('sup-races.js', ['shutdown-drained']);

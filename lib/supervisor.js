@@ -348,7 +348,13 @@ function createSupervisor(primary) {
     reloadPromise = (async () => {
       for (const old of Object.values(cluster.workers)) {
         if (old.isDead() || !old.isConnected() || old.exitedAfterDisconnect) continue;
-        await replace(old);
+        try {
+          await replace(old);
+        } catch (err) {
+          // A shutdown() meanwhile also ends the replacement it waited for.
+          if (shutdowns !== shutdownsBefore) throw Object.assign(aborted(), { cause: err });
+          throw err;
+        }
         if (shutdowns !== shutdownsBefore) throw aborted();
       }
     })().finally(() => { reloadPromise = null; });
