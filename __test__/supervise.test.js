@@ -429,6 +429,15 @@ test('shutdown() during a reload waits for the worker the reload is draining; th
        assert.equal(one(result, 'reload').code, 'ERR_CLUSTER_RS_RELOAD_ABORTED');
      });
 
+test('cluster.disconnect() during a reload whose old worker died: the slot is not restarted when the reload fails',
+     { timeout: 20000 }, async () => {
+       const result = await run('sup-races.js', ['disconnect-reloading']);
+       assertCleanExit(result);
+       one(result, 'disconnected');
+       assert.equal(one(result, 'reload').code, 'ERR_CLUSTER_RS_RELOAD_FAILED');
+       assert.deepEqual(one(result, 'primary-exit').forks, [1, 2], 'a worker was restarted after cluster.disconnect()');
+     });
+
 test("shutdown() while a reload's replacement starts aborts the reload", { timeout: 20000 }, async () => {
   const result = await run('sup-races.js', ['shutdown-replacing']);
   assertCleanExit(result);

@@ -328,10 +328,9 @@ function emitFork(worker) {
 }
 
 cluster.disconnect = function disconnect(cb) {
-  // Workers that exit meanwhile, on purpose or not, are not restarted.
-  supervisor.suspend();
-  intercom.once('disconnect', supervisor.resume);
   const workers = Object.values(cluster.workers);
+  // Workers that exit meanwhile, on purpose or not, are not restarted.
+  supervisor.suspend(workers);
   if (workers.length === 0) {
     process.nextTick(() => intercom.emit('disconnect'));
   } else {

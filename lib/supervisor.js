@@ -76,7 +76,7 @@ function createSupervisor(primary) {
   let keepAlive = null;
   let shutdownPromise = null;
   let shutdowns = 0;
-  let suspended = false; // cluster.disconnect() under way
+  let suspensions = 0; // cluster.disconnect() calls whose workers have not all exited yet
   let reloadPromise = null;
   let started = false;
 
@@ -131,7 +131,7 @@ function createSupervisor(primary) {
   // Whether anything may be restarted now: a policy is set, and no
   // shutdown() or cluster.disconnect() is under way.
   function mayRestart() {
-    return policy !== null && !shutdownPromise && !suspended;
+    return policy !== null && !shutdownPromise && suspensions === 0;
   }
 
   // Called after a worker's 'exit' events.
@@ -361,17 +361,16 @@ function createSupervisor(primary) {
     return reloadPromise;
   }
 
-  // cluster.disconnect(): no restarts, scheduled or new, until it is done.
-  function suspend() {
-    suspended = true;
+  // cluster.disconnect(): no restarts, scheduled or new, until the workers
+  // it disconnects have exited. (Its callback comes sooner: as under
+  // node:cluster, once they are no longer listed.)
+  function suspend(workers) {
+    suspensions++;
     cancelRestarts();
+    Promise.all(workers.map(exited)).then(() => { suspensions--; });
   }
 
-  function resume() {
-    suspended = false;
-  }
-
-  return { configure, onExit, draining, shutdown, reload, suspend, resume };
+  return { configure, onExit, draining, shutdown, reload, suspend };
 }
 
 module.exports = { createSupervisor, validateSettings };
