@@ -444,6 +444,13 @@ test("shutdown() while a reload's replacement starts aborts the reload", { timeo
   assert.equal(one(result, 'reload').code, 'ERR_CLUSTER_RS_RELOAD_ABORTED');
 });
 
+test('worker.disconnect() twice: the worker still drains and exits 0', { timeout: 20000 }, async () => {
+  const result = await run('sup-races.js', ['disconnect-twice']);
+  assertCleanExit(result);
+  const exit = one(result, 'exit');
+  assert.deepEqual([exit.code, exit.signal], [0, null], result.describe());
+});
+
 test('shutdown() waits for a worker the app disconnected, and kills it on its timeout', { timeout: 20000 },
      async () => {
        const result = await run('sup-races.js', ['shutdown-drained']);

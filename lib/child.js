@@ -229,7 +229,14 @@ function send(message, cb) {
   return sendControl(process, message, null, cb);
 }
 
+let disconnecting = false;
+
 function disconnectWorker(primaryInitiated) {
+  // Once: a second request (the primary's disconnect() called twice) would
+  // close the IPC channel before the servers have, and the first one's
+  // process.disconnect() would then throw ERR_IPC_DISCONNECTED.
+  if (disconnecting) return;
+  disconnecting = true;
   this.exitedAfterDisconnect = true;
   // Draining now, no longer an orphan to be: outlive the primary if need be.
   native.workerUnguard();

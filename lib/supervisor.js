@@ -231,7 +231,8 @@ function createSupervisor(primary) {
     for (const worker of workers) {
       if (worker.isDead()) continue;
       draining(worker);
-      if (worker.isConnected()) worker.disconnect();
+      // (One the app already disconnected is on its way.)
+      if (worker.isConnected() && !worker.exitedAfterDisconnect) worker.disconnect();
     }
     const killer = setTimeout(() => {
       for (const worker of workers) if (!worker.isDead()) worker.process.kill('SIGKILL');
