@@ -6,6 +6,7 @@
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
+const { spawnSync } = require('node:child_process');
 const path = require('node:path');
 const { runOk, runPrimary, one, killAll, tmpdir, fixture, ROOT, DISPATCH } = require('./helpers.js');
 
@@ -199,6 +200,36 @@ test('the addon: the one built here, opened directly; installed from the registr
       fs.rmSync(dir, { recursive: true, force: true });
     }
   });
+
+// What a user gets from `npm install cluster-rs` where no per-platform
+// package has a build: the package carries the Rust sources, and npm's
+// install step builds the addon from them (offline here: the crates are
+// those the checkout's own build fetched).
+test('installed from the packed package, the addon is built from source and a cluster serves', {
+  skip: process.platform === 'win32' && 'cluster-rs is node:cluster on Windows',
+  timeout: 600000,
+}, async () => {
+  const dir = fs.realpathSync(tmpdir());
+  try {
+    const npm = (args, cwd) => {
+      const r = spawnSync('npm', args, { cwd, encoding: 'utf8', env: { ...process.env, CARGO_NET_OFFLINE: 'true' } });
+      assert.equal(r.status, 0, `npm ${args.join(' ')}\n${r.stdout}\n${r.stderr}`);
+      return r.stdout;
+    };
+    const tarball = npm(['pack', '--ignore-scripts', '--pack-destination', dir], ROOT).trim().split('\n').pop();
+    const app = path.join(dir, 'app');
+    fs.mkdirSync(app);
+    fs.writeFileSync(path.join(app, 'package.json'), JSON.stringify({ name: 'app', version: '1.0.0', private: true }));
+    npm(['install', '--offline', '--no-audit', '--no-fund', path.join(dir, tarball)], app);
+    const pkg = path.join(app, 'node_modules', 'cluster-rs');
+    assert.ok(fs.existsSync(path.join(pkg, `cluster-rs.${TRIPLE}.node`)), 'no addon was built');
+    assert.ok(!fs.existsSync(path.join(pkg, 'target')), 'the build directory was left behind');
+    const served = one(await runOk('api.js', ['builtin'], { module: pkg }), 'builtin');
+    assert.equal(served.body, 'worker 1');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
 
 test('a second copy of cluster-rs in the primary, required after workers started, is the first one\'s cluster',
   async () => {

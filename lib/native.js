@@ -42,8 +42,9 @@ function load() {
     binding = require('../binding.js');
   } catch (err) {
     const e = new Error('cluster-rs: the native addon is not built for this platform ' +
-                        `(${process.platform}-${process.arch}). Run \`npm install\` in the package ` +
-                        'directory (it needs Rust) or install a published build.', { cause: err });
+                        `(${process.platform}-${process.arch}). Run \`npm rebuild cluster-rs\` in your app ` +
+                        '(or `npm install` in a checkout of cluster-rs): it builds the addon from source, ' +
+                        'which needs Rust (https://rustup.rs).', { cause: err });
     e.code = 'ERR_CLUSTER_RS_NO_ADDON';
     throw e;
   }
