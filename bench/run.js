@@ -104,7 +104,7 @@ const fmt = {
   msDiff: (ms) => (ms == null ? '—' : (ms < 0 ? '−' : '+') + Math.abs(ms).toFixed(1) + ' ms'),
   ratio: (r) => (r == null ? '—' : r.toFixed(2) + '×'),
   f: (x, d = 2) => (x == null ? '—' : x.toFixed(d)),
-  mb: (kb) => (kb == null ? '—' : (kb / 1024).toFixed(1) + ' MB'),
+  mb: (kb) => (kb == null ? '—' : (kb / 1024).toFixed(1) + ' MiB'),
 };
 
 function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
@@ -483,7 +483,8 @@ async function measure(implName, scenario, workers, cfg) {
     BENCH_HOST: HOST,
     BENCH_PORT: String(port),
     BENCH_CPU_ITER: String(scenario === 'cpu' ? cfg.cpuIter : 0),
-    BENCH_MAX_LIFE_MS: String(START_TIMEOUT_MS + (cfg.warmup + cfg.duration) * 1000 + 60000),
+    // (The pool scenario runs wrk twice.)
+    BENCH_MAX_LIFE_MS: String(START_TIMEOUT_MS + (cfg.warmup + cfg.duration * (scenario === 'pool' ? 2 : 1)) * 1000 + 60000),
   });
   Object.assign(env, def.env);
   delete env.BENCH_RS_PATH; // the server loads the linked package (see linkPackage)
@@ -682,7 +683,7 @@ const COLS = [
     `${fmt.ratio(r.pairedRatio)} (${r.pairedRange.map((x) => x.toFixed(2)).join('–')})`), 'r'],
   ['p50', (r) => fmt.ms(r.p50Us), 'r'],
   ['p99', (r) => fmt.ms(r.p99Us), 'r'],
-  ['errors', (r) => fmt.int(r.errors), 'r'],
+  ['errors', (r) => fmt.int(r.errorsSum), 'r'],
   ['conns/worker', (r) => r.perWorkerConnections.map(fmt.int).join(' / '), 'r'],
   ['conn CV', (r) => fmt.f(r.connCv), 'r'],
   ['prim CPU s/10k conn', (r) => fmt.f(r.primaryCpuPer10kConnS, 3), 'r'],
@@ -730,7 +731,10 @@ function mdTable(cols, rows) {
 function xmlEsc(s) { return String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;'); }
 
 function svgChart(agg, impls, meta) {
-  const colors = { 'node-rr': '#7f7f7f', 'node-none': '#bcbcbc', 'rs-rr': '#d9480f', 'rs-none': '#f59f00', 'rs-reuseport': '#2f9e44', single: '#1c7ed6' };
+  const colors = {
+    'node-rr': '#7f7f7f', 'node-none': '#bcbcbc', 'rs-rr': '#d9480f', 'rs-dispatch': '#9c36b5', 'rs-none': '#f59f00',
+    'rs-reuseport': '#2f9e44', single: '#1c7ed6',
+  };
   const groups = [];
   for (const r of agg.rows) {
     const key = `${r.scenario} · ${r.workersConfig}w`;
@@ -807,7 +811,7 @@ const NOTES = [
   'close: every request sends `Connection: close` (set in bench/wrk.lua), so each request is a new TCP connection; keepalive: wrk\'s persistent connections; cpu: keep-alive with ~1 ms of pbkdf2 per request.',
   'spread = ±half the range (max − min) of req/s over the rounds, relative to the median: a quick noise indicator.',
   'paired = the median, over rounds, of req/s ÷ the baseline\'s req/s in the same round (range in brackets); the impls of a round run back to back, so this ratio is less exposed to the machine\'s drift than "vs base". Shown from 2 rounds.',
-  'errors = wrk socket errors (connect, read, write, timeout) + non-2xx/3xx responses.',
+  'errors = wrk socket errors (connect, read, write, timeout) + non-2xx/3xx responses, summed over the rounds.',
   'conns/worker = TCP connections each worker\'s server saw (`connection` events), sorted descending, median per position; conn CV = stddev/mean over workers (0 = perfectly even).',
   'prim CPU = user+system CPU of the primary process (all its threads) during the measured load (process.cpuUsage() in the primary); per 10k conn only shown when ≥ 1000 connections were made (not meaningful for keep-alive). For `single` the "primary" is the only process and does all the work.',
   'workers CPU = user+system CPU of all workers together (process.cpuUsage() in each, since the reset before the load), per 10k connections; with the primary\'s, it says where a policy spends the machine. Per request too: with keep-alive, where no connection is accepted, it tells a cost the module adds to each request from the split of the connections and the machine\'s noise.',
