@@ -601,20 +601,18 @@ impl Loop {
         let mut buf = [0u8; RECORD_LEN * 64];
         loop {
             let mut fds = Vec::new();
-            match wire::recv(c.fd.as_raw_fd(), &mut buf, &mut fds).map(|r| (r.bytes, r.truncated)) {
-                Ok((0, _)) => {
+            match wire::recv(c.fd.as_raw_fd(), &mut buf, &mut fds) {
+                Ok(r) if r.bytes == 0 => {
                     c.broken = true;
                     break;
                 }
                 // Only `Return` records carry descriptors here; any other record's are closed with it.
-                Ok((n, truncated)) => {
-                    let carried = !fds.is_empty() || truncated;
-                    c.decoder.push(&buf[..n], fds, truncated);
-                    // A short read emptied the socket (poll is level-triggered,
-                    // so a further read would only return EAGAIN), unless it
-                    // stopped after a message with descriptors, as the
-                    // kernel's reads do: there may be more behind it.
-                    if n < buf.len() && !carried {
+                Ok(r) => {
+                    c.decoder.push(&buf[..r.bytes], fds, r.truncated);
+                    // Poll is level-triggered: a further read of an emptied
+                    // socket would only return EAGAIN. (The last read of a
+                    // dead worker's channel goes on to the end all the same.)
+                    if r.emptied(buf.len()) {
                         break;
                     }
                 }

@@ -132,8 +132,19 @@ pub struct Incoming {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
     pub bytes: usize,
+    /// How many descriptors this read brought.
+    pub fds: usize,
     /// Some descriptors of this read were dropped (MSG_CTRUNC).
     pub truncated: bool,
+}
+
+impl Received {
+    /// Whether this read emptied the socket: it was shorter than the buffer,
+    /// and it did not end after a message with descriptors, as a read does
+    /// whatever may be behind it.
+    pub fn emptied(&self, buf_len: usize) -> bool {
+        self.bytes < buf_len && self.fds == 0 && !self.truncated
+    }
 }
 
 impl Decoder {
@@ -227,6 +238,7 @@ pub fn recv(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> SysResult<Rece
 /// so. nix's `RecvMsg::cmsgs()` refuses to walk a truncated control buffer,
 /// hence the walk by hand.
 fn recv_with_room(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>, room: usize) -> SysResult<Received> {
+    let had = fds.len();
     let fd_len = std::mem::size_of::<RawFd>();
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE((room * fd_len) as u32) } as usize;
@@ -263,7 +275,7 @@ fn recv_with_room(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>, room: usize
         // SAFETY: `header` is a valid header within `msg`'s control buffer.
         header = unsafe { libc::CMSG_NXTHDR(&msg, header) };
     }
-    Ok(Received { bytes: read as usize, truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 })
+    Ok(Received { bytes: read as usize, fds: fds.len() - had, truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 })
 }
 
 #[cfg(test)]

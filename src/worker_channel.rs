@@ -92,13 +92,10 @@ impl WorkerChannel {
                     break;
                 }
                 Ok(r) => {
-                    let carried = !fds.is_empty() || r.truncated;
                     decoder.push(&buf[..r.bytes], fds, r.truncated);
-                    // A short read emptied the socket (the loop's poll is
-                    // level-triggered, so another read would only say
-                    // EAGAIN), unless it stopped after a message with
-                    // descriptors: there may be more behind it.
-                    if r.bytes < buf.len() && !carried {
+                    // The loop's poll is level-triggered: another read of an
+                    // emptied socket would only say EAGAIN.
+                    if r.emptied(buf.len()) {
                         break;
                     }
                 }
