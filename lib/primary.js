@@ -283,16 +283,7 @@ function forkWorker(launch, slot) {
     removeChannel(worker);
     worker.exitedAfterDisconnect = !!worker.exitedAfterDisconnect;
     worker.state = 'dead';
-    try {
-      worker.emit('exit', exitCode, signalCode);
-      cluster.emit('exit', worker, exitCode, signalCode);
-    } catch (err) {
-      // A listener of the app threw. That surfaces as uncaught, as it would
-      // have, but only once the process's other 'exit' listeners (what
-      // shutdown() and reload() wait on) have run, and the slot is still
-      // restarted.
-      process.nextTick(rethrow, err);
-    }
+    emitToApp(worker, 'exit', exitCode, signalCode);
     supervisor.onExit(worker, exitCode, signalCode);
   });
 
@@ -305,18 +296,26 @@ function forkWorker(launch, slot) {
     if (worker.isDead()) removeWorker(worker);
     worker.exitedAfterDisconnect = !!worker.exitedAfterDisconnect;
     worker.state = 'disconnected';
-    try {
-      worker.emit('disconnect');
-      cluster.emit('disconnect', worker);
-    } catch (err) {
-      process.nextTick(rethrow, err); // as for 'exit'
-    }
+    emitToApp(worker, 'disconnect');
   });
 
   worker.process.on('internalMessage', controlListener(worker, onmessage));
   process.nextTick(emitFork, worker);
   cluster.workers[worker.id] = worker;
   return worker;
+}
+
+// Emits `event` on the worker, then on the cluster. A listener of the app
+// that throws surfaces as uncaught, as it would have, but on the next tick:
+// what comes after it still runs (the supervisor's restart, and the worker
+// process's other listeners, which shutdown() and reload() wait on).
+function emitToApp(worker, event, ...args) {
+  try {
+    worker.emit(event, ...args);
+    cluster.emit(event, worker, ...args);
+  } catch (err) {
+    process.nextTick(rethrow, err);
+  }
 }
 
 function rethrow(err) {
