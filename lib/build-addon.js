@@ -16,13 +16,14 @@ function libc() {
   return process.report.getReport().header.glibcVersionRuntime ? '-gnu' : '-musl';
 }
 
-// The file name lib/native.js and binding.js look for.
-const addon = `cluster-rs.${process.platform}-${process.arch}${libc()}.node`;
+// The platform as napi-rs names it, and the file binding.js looks for.
+const triple = `${process.platform}-${process.arch}${libc()}`;
+const addon = `cluster-rs.${triple}.node`;
 
 function provided() {
   if (fs.existsSync(path.join(root, addon))) return true;
   try {
-    require.resolve(`cluster-rs-${process.platform}-${process.arch}${libc()}`, { paths: [root] });
+    require.resolve(`cluster-rs-${triple}`, { paths: [root] });
     return true;
   } catch {
     return false;
