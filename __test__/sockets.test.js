@@ -5,6 +5,7 @@
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
+const http = require('node:http');
 const net = require('node:net');
 const path = require('node:path');
 const { runOk, one, killAll, tmpdir, makeCert } = require('./helpers.js');
@@ -112,6 +113,33 @@ for (const policy of ['rr', 'none']) {
     }
   });
 }
+
+test('listen({ fd }): the socket goes on listening for whoever passed it, after the cluster closes', async () => {
+  // As with systemd's socket activation: the socket's owner (here the test
+  // runner, which keeps its copy) queues connections on it while the
+  // service restarts. The cluster's workers serve, then all disconnect.
+  for (const module of ['rs', 'node']) {
+    // An HTTP server: the cluster's own requests may meet it too.
+    const server = http.createServer((req, res) => res.end('test runner'));
+    await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      const { port } = server.address();
+      const r = one(await runOk('listen-fd.js', [String(port)], {
+        module, env: { NODE_CLUSTER_SCHED_POLICY: 'rr' }, stdio: [server._handle.fd],
+      }), 'result');
+      assert.deepEqual(r.fds, [3, 3]);
+      const body = await new Promise((resolve, reject) => {
+        http.get({ port, host: '127.0.0.1', agent: false }, (res) => {
+          let data = '';
+          res.setEncoding('utf8').on('data', (d) => { data += d; }).on('end', () => resolve(data));
+        }).on('error', reject);
+      });
+      assert.equal(body, 'test runner', `${module}: the passed socket no longer listens`);
+    } finally {
+      server.close();
+    }
+  }
+});
 
 test('TLS servers in workers; session ticket keys are shared', async (t) => {
   const dir = tmpdir();

@@ -485,10 +485,14 @@ impl Loop {
             }
             Command::CloseListener { id, done } => {
                 if let Some(l) = self.listeners.remove(&id) {
-                    if l.leased() {
+                    if l.leased() && !l.socket.adopted {
                         // Workers hold the same socket and may not have closed
                         // theirs yet; shutting it down stops it listening for
                         // all of them, so the port is free once this returns.
+                        // Not a socket the application passed by number: that
+                        // one stays listening for whoever gave it (systemd's
+                        // socket activation queues connections on it while
+                        // the service restarts), as under node:cluster.
                         let _ = nix::sys::socket::shutdown(l.socket.fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
                     }
                 }

@@ -37,6 +37,9 @@ pub struct InetSpec {
 pub struct Listening {
     pub fd: OwnedFd,
     pub unlink_on_close: UnlinkOnDrop,
+    /// A duplicate of a socket the application passed by number: the socket
+    /// is not ours, so closing ours must leave it listening for its owner.
+    pub adopted: bool,
 }
 
 /// Removes a Unix socket's file when dropped, as libuv does when a pipe server closes.
@@ -160,7 +163,7 @@ fn start_listening(fd: &OwnedFd, n: i32) -> SysResult<()> {
 pub fn listen_tcp(spec: &InetSpec, n: i32) -> SysResult<Listening> {
     let fd = bind_any(SockType::Stream, spec)?;
     start_listening(&fd, n)?;
-    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default() })
+    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default(), adopted: false })
 }
 
 /// A bound, not yet listening, TCP socket to share with workers (SCHED_NONE):
@@ -216,7 +219,7 @@ pub fn bind_unix(
         Errno::ENOENT => SysError { errno: Errno::EACCES, ..e },
         _ => e,
     })?;
-    let listening = Listening { fd, unlink_on_close: UnlinkOnDrop(file) };
+    let listening = Listening { fd, unlink_on_close: UnlinkOnDrop(file), adopted: false };
     if let Some(n) = listen_backlog {
         start_listening(&listening.fd, n)?;
     }
@@ -257,7 +260,7 @@ pub fn listen_fd(fd: RawFd, n: i32) -> SysResult<Listening> {
     }
     sys::set_nonblocking(fd.as_fd(), true)?;
     start_listening(&fd, n)?;
-    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default() })
+    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default(), adopted: true })
 }
 
 /// Whether `fd` is an open IPv4 or IPv6 datagram socket: what libuv takes
