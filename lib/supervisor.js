@@ -87,7 +87,7 @@ function createSupervisor(primary) {
   }
 
   function holdAlive() {
-    if (pending.size > 0 && keepAlive === null) keepAlive = setInterval(() => {}, 2 ** 31 - 1);
+    if (pending.size > 0 && keepAlive === null) keepAlive = setInterval(() => {}, TIMEOUT_MAX);
     if (pending.size === 0 && keepAlive !== null) {
       clearInterval(keepAlive);
       keepAlive = null;
