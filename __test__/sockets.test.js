@@ -110,9 +110,33 @@ for (const policy of ['rr', 'none']) {
       assert.deepEqual(r.fds, [3, 3]);
       if (policy === 'rr') assert.deepEqual(r.bodies, ['1', '1', '1', '2', '2', '2']);
       else assert.ok(r.bodies.length === 6 && r.bodies.every((b) => b === '1' || b === '2'), `${r.bodies}`);
+      // The primary closed the descriptor with the last server on it, and
+      // nobody else held the socket.
+      assert.equal(r.after, 'ECONNREFUSED');
     }
   });
 }
+
+test('listen({ fd }) on a descriptor already in use in the primary fails with EEXIST', async () => {
+  // A second server on the same descriptor, and a connection the primary
+  // itself has open (its event loop watches that descriptor).
+  for (const mode of ['twice', 'connected']) {
+    const server = net.createServer();
+    await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      const env = { NODE_CLUSTER_SCHED_POLICY: 'rr' };
+      const [rs, node] = await both('listen-fd.js', [String(server.address().port), mode],
+                                    { env, stdio: [server._handle.fd] });
+      const expected = mode === 'twice' ? { codes: ['listening', 'EEXIST'] } : { code: 'EEXIST' };
+      for (const result of [rs, node]) {
+        const { ev, ...r } = one(result, 'result');
+        assert.deepEqual(r, expected, mode);
+      }
+    } finally {
+      server.close();
+    }
+  }
+});
 
 test('listen({ fd }): the socket goes on listening for whoever passed it, after the cluster closes', async () => {
   // As with systemd's socket activation: the socket's owner (here the test
@@ -128,13 +152,7 @@ test('listen({ fd }): the socket goes on listening for whoever passed it, after 
         module, env: { NODE_CLUSTER_SCHED_POLICY: 'rr' }, stdio: [server._handle.fd],
       }), 'result');
       assert.deepEqual(r.fds, [3, 3]);
-      const body = await new Promise((resolve, reject) => {
-        http.get({ port, host: '127.0.0.1', agent: false }, (res) => {
-          let data = '';
-          res.setEncoding('utf8').on('data', (d) => { data += d; }).on('end', () => resolve(data));
-        }).on('error', reject);
-      });
-      assert.equal(body, 'test runner', `${module}: the passed socket no longer listens`);
+      assert.equal(r.after, 'connected', `${module}: the passed socket no longer listens`);
     } finally {
       server.close();
     }

@@ -120,8 +120,37 @@ pub fn listen_unix(path: String, backlog: i32, readable_all: bool, writable_all:
 
 /// A round-robin listener on a socket the application passed by number.
 #[napi]
-pub fn listen_fd(fd: i32, backlog: i32) -> SocketResult {
-    register(sockets::listen_fd(fd, backlog))
+pub fn listen_fd(env: Env, fd: i32, backlog: i32) -> Result<SocketResult> {
+    let uv_loop = env.get_uv_event_loop()?.cast();
+    Ok(register(sockets::listen_fd(fd, backlog, |fd| loop_watches_fd(uv_loop, fd))))
+}
+
+/// Whether an active handle of `uv_loop` (this thread's) uses descriptor
+/// `fd`: a server, a connection or a pipe that is listening, reading or
+/// writing, which is when libuv watches its descriptor.
+fn loop_watches_fd(uv_loop: *mut std::ffi::c_void, fd: i32) -> bool {
+    extern "C" fn visit(handle: *mut std::ffi::c_void, arg: *mut std::ffi::c_void) {
+        let mut own: std::ffi::c_int = -1;
+        // SAFETY: uv_walk passes a live handle of its loop; `own` is writable.
+        // Handles without a descriptor (timers, closing ones) return an error.
+        let rc = unsafe { uv::uv_fileno(handle, &mut own) };
+        if rc != 0 {
+            return;
+        }
+        // SAFETY: as above: a live handle, only read.
+        let active = unsafe { uv::uv_is_active(handle) } != 0;
+        // SAFETY: `arg` is the `(fd, found)` pair `loop_watches_fd` passed,
+        // alive and not otherwise borrowed while uv_walk runs.
+        let (fd, found) = unsafe { &mut *arg.cast::<(i32, bool)>() };
+        if active && own == *fd {
+            *found = true;
+        }
+    }
+    let mut search = (fd, false);
+    // SAFETY: `uv_loop` is this thread's running loop, from
+    // napi_get_uv_event_loop; `visit` only reads each handle's descriptor.
+    unsafe { uv::uv_walk(uv_loop, visit, (&mut search as *mut (i32, bool)).cast()) };
+    search.1
 }
 
 /// A bound TCP socket for SCHED_NONE; the returned fd belongs to the caller.
@@ -290,6 +319,7 @@ mod uv {
     pub const UV_POLL: c_int = 8; // uv_handle_type
     pub const UV_READABLE: c_int = 1;
     pub type PollCb = extern "C" fn(handle: *mut c_void, status: c_int, events: c_int);
+    pub type WalkCb = extern "C" fn(handle: *mut c_void, arg: *mut c_void);
 
     // libuv, exported by the node binary that loads this addon.
     extern "C" {
@@ -298,6 +328,9 @@ mod uv {
         pub fn uv_poll_start(handle: *mut c_void, events: c_int, cb: PollCb) -> c_int;
         pub fn uv_poll_stop(handle: *mut c_void) -> c_int;
         pub fn uv_unref(handle: *mut c_void);
+        pub fn uv_walk(uv_loop: *mut c_void, cb: WalkCb, arg: *mut c_void);
+        pub fn uv_fileno(handle: *mut c_void, fd: *mut c_int) -> c_int;
+        pub fn uv_is_active(handle: *mut c_void) -> c_int;
         #[cfg(target_os = "linux")]
         pub fn uv_close(handle: *mut c_void, cb: CloseCb);
     }

@@ -485,14 +485,12 @@ impl Loop {
             }
             Command::CloseListener { id, done } => {
                 if let Some(l) = self.listeners.remove(&id) {
-                    if l.leased() && !l.socket.adopted {
+                    if l.leased() && l.socket.adopted.is_none() {
                         // Workers hold the same socket and may not have closed
                         // theirs yet; shutting it down stops it listening for
                         // all of them, so the port is free once this returns.
-                        // Not a socket the application passed by number: that
-                        // one stays listening for whoever gave it (systemd's
-                        // socket activation queues connections on it while
-                        // the service restarts), as under node:cluster.
+                        // (Not a socket the application passed by number: see
+                        // `sockets::Adopted`.)
                         let _ = nix::sys::socket::shutdown(l.socket.fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
                     }
                 }

@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -37,9 +38,50 @@ pub struct InetSpec {
 pub struct Listening {
     pub fd: OwnedFd,
     pub unlink_on_close: UnlinkOnDrop,
-    /// A duplicate of a socket the application passed by number: the socket
-    /// is not ours, so closing ours must leave it listening for its owner.
-    pub adopted: bool,
+    /// Set when `fd` duplicates a socket the application passed by number
+    /// (`listen({ fd })`); see `Adopted`.
+    pub adopted: Option<Adopted>,
+}
+
+/// The descriptor number an application passed to `listen({ fd })`. The
+/// listener takes it over, as node:cluster's primary does (its handle wraps
+/// that number): nobody may adopt the number again while the listener
+/// lives, and the listener closes it when it closes. Then the socket stops
+/// listening unless its owner holds it too (systemd's socket activation
+/// does, and queues connections while the service restarts), so the socket
+/// itself is never shut down.
+#[derive(Debug)]
+pub struct Adopted {
+    fd: RawFd,
+    /// What the number named when it was adopted: it is closed only if it
+    /// still names that socket (the application may have closed it, and the
+    /// number may be another file's by now).
+    dev: u64,
+    ino: u64,
+}
+
+/// The numbers adopted by listeners that are still open.
+static ADOPTED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+        adopted.retain(|&fd| fd != self.fd);
+        if identity(self.fd) == Some((self.dev, self.ino)) {
+            // SAFETY: the application handed this number over with listen({ fd })
+            // and it still names the socket it handed over (checked just above).
+            drop(unsafe { sys::own(self.fd) });
+        }
+    }
+}
+
+/// The device and inode a descriptor number names, if it is open.
+#[allow(clippy::unnecessary_cast)] // dev_t and ino_t are not u64 everywhere (macOS: i32 dev_t)
+fn identity(fd: RawFd) -> Option<(u64, u64)> {
+    // SAFETY: only borrowed for the fstat call; a number that is not open
+    // makes it fail with EBADF, it does not touch memory.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    nix::sys::stat::fstat(borrowed).ok().map(|st| (st.st_dev as u64, st.st_ino as u64))
 }
 
 /// Removes a Unix socket's file when dropped, as libuv does when a pipe server closes.
@@ -163,7 +205,7 @@ fn start_listening(fd: &OwnedFd, n: i32) -> SysResult<()> {
 pub fn listen_tcp(spec: &InetSpec, n: i32) -> SysResult<Listening> {
     let fd = bind_any(SockType::Stream, spec)?;
     start_listening(&fd, n)?;
-    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default(), adopted: false })
+    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default(), adopted: None })
 }
 
 /// A bound, not yet listening, TCP socket to share with workers (SCHED_NONE):
@@ -219,7 +261,7 @@ pub fn bind_unix(
         Errno::ENOENT => SysError { errno: Errno::EACCES, ..e },
         _ => e,
     })?;
-    let listening = Listening { fd, unlink_on_close: UnlinkOnDrop(file), adopted: false };
+    let listening = Listening { fd, unlink_on_close: UnlinkOnDrop(file), adopted: None };
     if let Some(n) = listen_backlog {
         start_listening(&listening.fd, n)?;
     }
@@ -246,10 +288,12 @@ fn chmod_all(path: &str, readable: bool, writable: bool) -> SysResult<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(to_err)
 }
 
-/// Adopts a socket the application passed by number (`listen({ fd })`): a
-/// close-on-exec duplicate that listens, so the original stays the app's.
-pub fn listen_fd(fd: RawFd, n: i32) -> SysResult<Listening> {
-    let fd = sys::dup_cloexec(fd).map_err(|e| match e.errno {
+/// Adopts a socket the application passed by number (`listen({ fd })`; see
+/// `Adopted`). The listener works on a close-on-exec duplicate. `watched`
+/// says whether the process's event loop watches the number already.
+pub fn listen_fd(original: RawFd, n: i32, watched: impl FnOnce(RawFd) -> bool) -> SysResult<Listening> {
+    let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+    let fd = sys::dup_cloexec(original).map_err(|e| match e.errno {
         // Not open: EINVAL, as Node's own listen({ fd }) says.
         Errno::EBADF => SysError { syscall: "listen", errno: Errno::EINVAL },
         _ => e,
@@ -258,9 +302,17 @@ pub fn listen_fd(fd: RawFd, n: i32) -> SysResult<Listening> {
     if socket::getsockopt(&fd, sockopt::SockType) != Ok(SockType::Stream) {
         return Err(SysError { syscall: "listen", errno: Errno::EINVAL });
     }
+    // Another listener has it, or the event loop watches it (a server or a
+    // connection of the primary's own): EEXIST, as libuv says when asked to
+    // open a descriptor that one of its handles watches.
+    if adopted.contains(&original) || watched(original) {
+        return Err(SysError { syscall: "listen", errno: Errno::EEXIST });
+    }
     sys::set_nonblocking(fd.as_fd(), true)?;
     start_listening(&fd, n)?;
-    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default(), adopted: true })
+    let (dev, ino) = identity(fd.as_raw_fd()).ok_or(SysError { syscall: "fstat", errno: Errno::EBADF })?;
+    adopted.push(original);
+    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default(), adopted: Some(Adopted { fd: original, dev, ino }) })
 }
 
 /// Whether `fd` is an open IPv4 or IPv6 datagram socket: what libuv takes
@@ -300,6 +352,7 @@ pub fn sockname(fd: &OwnedFd) -> SysResult<Option<SockName>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::IntoRawFd;
 
     fn loopback(port: u16) -> InetSpec {
         InetSpec {
@@ -361,6 +414,44 @@ mod tests {
     }
 
     #[test]
+    fn an_adopted_number_is_taken_once_and_closed_with_its_listener() {
+        let given = listen_tcp(&loopback(0), 16).unwrap().fd.into_raw_fd();
+        let socket = identity(given).unwrap();
+        let first = listen_fd(given, 16, |_| false).unwrap();
+        assert_eq!(listen_fd(given, 16, |_| false).unwrap_err().errno, Errno::EEXIST);
+        drop(first);
+        // Closed (a test running alongside may have been given the number since).
+        assert_ne!(identity(given), Some(socket), "the number was not closed with the listener");
+    }
+
+    #[test]
+    fn a_number_the_event_loop_watches_is_refused_after_the_type_check() {
+        let given = listen_tcp(&loopback(0), 16).unwrap().fd;
+        let err = listen_fd(given.as_raw_fd(), 16, |fd| fd == given.as_raw_fd()).unwrap_err();
+        assert_eq!(err.errno, Errno::EEXIST);
+        let udp = bind_udp(&loopback(0)).unwrap();
+        assert_eq!(listen_fd(udp.as_raw_fd(), 16, |_| true).unwrap_err().errno, Errno::EINVAL);
+        assert!(identity(given.as_raw_fd()).is_some(), "a refused number stays open");
+    }
+
+    #[test]
+    fn an_adopted_number_that_names_another_file_by_then_is_left_open() {
+        let given = listen_tcp(&loopback(0), 16).unwrap().fd.into_raw_fd();
+        let listener = listen_fd(given, 16, |_| false).unwrap();
+        // The application closes the number, and it comes back as a file
+        // (dup2 does both at once, so no test alongside gets it meanwhile).
+        let file = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: `given` is this test's own (into_raw_fd above; the listener
+        // holds a duplicate), and dup2 replaces it atomically.
+        let reused = unsafe { libc::dup2(file.as_raw_fd(), given) };
+        assert_eq!(reused, given);
+        drop(listener);
+        assert!(identity(reused).is_some(), "the file under the reused number was closed");
+        // SAFETY: dup2 made `reused` a descriptor of this test's own.
+        drop(unsafe { sys::own(reused) });
+    }
+
+    #[test]
     fn udp_sockets_share_a_port_only_with_reuse_addr() {
         let mut spec = loopback(0);
         spec.reuse_addr = true;
@@ -408,8 +499,8 @@ mod tests {
     #[test]
     fn listen_fd_rejects_a_datagram_socket_and_bad_numbers() {
         let udp = bind_udp(&loopback(0)).unwrap();
-        assert_eq!(listen_fd(udp.as_raw_fd(), 8).unwrap_err().errno, Errno::EINVAL);
+        assert_eq!(listen_fd(udp.as_raw_fd(), 8, |_| false).unwrap_err().errno, Errno::EINVAL);
         // Not open: EINVAL, as Node's own listen({ fd }) reports it.
-        assert_eq!(listen_fd(987_654, 8).unwrap_err().errno, Errno::EINVAL);
+        assert_eq!(listen_fd(987_654, 8, |_| false).unwrap_err().errno, Errno::EINVAL);
     }
 }
