@@ -163,6 +163,14 @@ test('a module preloaded through NODE_OPTIONS already finds the worker side of n
   }
 });
 
+test('NODE_OPTIONS in cluster.fork(env) reaches the worker as child_process passes it', async () => {
+  // undefined leaves it unset; anything else becomes a string.
+  const [rs, node] = await both('api.js', ['env']);
+  for (const r of [rs, node]) {
+    assert.deepEqual(one(r, 'env').seen, ['null', '5', 'false', '', 'unset', '--no-deprecation']);
+  }
+});
+
 test('in the primary, node:cluster is the same object: a library using it sees the workers and events', async () => {
   const [rs, node] = await both('api.js', ['builtin']);
   for (const r of [rs, node]) {

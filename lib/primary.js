@@ -217,9 +217,11 @@ function createWorkerProcess(id, { env: workerEnv, settings }, channel) {
   // modules before the command line's, and ours must make the process a
   // worker before any other preloaded module (an APM agent, say) looks at
   // node:cluster. The preload puts NODE_OPTIONS back as it was.
-  env[ENV.NODE_OPTIONS] = JSON.stringify(env.NODE_OPTIONS ?? null);
-  env.NODE_OPTIONS = `--require "${PRELOAD.replace(/["\\]/g, '\\$&')}"` +
-    (env.NODE_OPTIONS ? ` ${env.NODE_OPTIONS}` : '');
+  // The worker's own, as child_process would pass it: unset when undefined,
+  // otherwise a string (`fork({ NODE_OPTIONS: null })` gives "null").
+  const own = env.NODE_OPTIONS === undefined ? null : `${env.NODE_OPTIONS}`;
+  env[ENV.NODE_OPTIONS] = JSON.stringify(own);
+  env.NODE_OPTIONS = `--require "${PRELOAD.replace(/["\\]/g, '\\$&')}"` + (own ? ` ${own}` : '');
   return fork(settings.exec, settings.args, {
     cwd: settings.cwd,
     env,
