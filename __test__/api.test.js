@@ -395,3 +395,21 @@ test("a worker's replacement of cluster._getServer is what net and dgram call", 
   });
   assert.deepEqual(one(rs, 'exit'), { ev: 'exit', code: 0, signal: null });
 });
+
+test('a worker that may not load addons (--no-addons) runs; only its round-robin servers fail', async () => {
+  for (const policy of ['none', 'rr']) {
+    const env = { NODE_CLUSTER_SCHED_POLICY: policy };
+    const [rs, node] = await both('no-addons.js', [], { env });
+    const served = { ev: 'result', listen: 'listening', body: 'worker 1', exitCode: 0 };
+    assert.deepEqual(one(node, 'result'), served);
+    if (policy === 'none') {
+      assert.deepEqual(one(rs, 'result'), served);
+      assert.doesNotMatch(rs.stderr, /CLUSTER_RS_WORKER_WITHOUT_ADDON/);
+    } else {
+      // Its connections would come through the addon: the listen fails, with
+      // a warning that says why, and the worker goes on.
+      assert.deepEqual(one(rs, 'result'), { ...served, listen: 'bind EINVAL', body: null });
+      assert.match(rs.stderr, /\[CLUSTER_RS_WORKER_WITHOUT_ADDON\] Warning: Addons are disabled in this worker/);
+    }
+  }
+});

@@ -7,7 +7,6 @@
 // pauseOnConnect, allowHalfOpen, noDelay and keep-alive behave as without cluster.
 
 const path = require('node:path');
-const native = require('./native.js');
 const { sendControl, controlListener } = require('./protocol.js');
 
 // node:cluster's own worker-side object, completed here, so that
@@ -33,10 +32,14 @@ const indexes = new Map();
 const byListener = new Map(); // native listener id -> { handle, server, isPipe }
 const TIMEOUT_MAX = 2 ** 31 - 1;
 let channelOpen = false;
+// The addon (lib/native.js); null in a worker that may not load addons
+// (see the preload), which then has no data channel either.
+let native = null;
 
-cluster._setupWorker = function setupWorker(id, channelFd) {
+cluster._setupWorker = function setupWorker(id, channelFd, addon) {
   const worker = new Worker({ id, process, state: 'online' });
   cluster.worker = worker;
+  native = addon;
 
   if (channelFd >= 0) {
     const rc = native.workerAttach(channelFd, onBatch);
@@ -239,7 +242,7 @@ function disconnectWorker(primaryInitiated) {
   disconnecting = true;
   this.exitedAfterDisconnect = true;
   // Draining now, no longer an orphan to be: outlive the primary if need be.
-  native.workerUnguard();
+  if (native !== null) native.workerUnguard();
   let waiting = 1;
 
   function checkWaiting() {

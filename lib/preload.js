@@ -31,16 +31,38 @@ if (id !== undefined && globalThis[WORKER] === undefined) {
   delete process.env[ENV.CHANNEL_FD];
   delete process.env[ENV.PRIMARY_PID];
 
+  const channel = Number.isInteger(channelFd) ? channelFd : -1;
+  const native = addon(channel);
+  delete process.env[ENV.ADDON];
   // Never outlive the primary, even one killed by SIGKILL: the IPC channel's
   // 'disconnect' ends us (child.js), and on Linux a stuck loop is ended 2 s
   // after the primary's death (src/parent.rs).
-  const native = require('./native.js');
-  delete process.env[ENV.ADDON];
-  if (native.workerGuard(primaryPid)) process.exit(0);
+  if (native !== null && native.workerGuard(primaryPid)) process.exit(0);
 
   // The built-in module, completed as a worker (see child.js): net and dgram
   // ask it for server handles.
   const cluster = require('./child.js');
   globalThis[WORKER] = cluster;
-  cluster._setupWorker(Number(id) | 0, Number.isInteger(channelFd) ? channelFd : -1);
+  cluster._setupWorker(Number(id) | 0, native === null ? -1 : channel, native);
+}
+
+// The native addon, or null where this worker may not load addons
+// (`--no-addons` in its execArgv, or `--experimental-permission` without
+// `--allow-addons`), as a node:cluster worker needs none. It then serves
+// SCHED_NONE servers and UDP as usual; a round-robin server's connections
+// come through the addon, so its listen fails (EINVAL), and the data channel
+// is closed at once, so that the primary hands this worker nothing.
+function addon(channel) {
+  try {
+    return require('./native.js');
+  } catch (err) {
+    if (err.code !== 'ERR_DLOPEN_DISABLED') throw err;
+    if (channel >= 0) {
+      require('node:fs').closeSync(channel);
+      process.emitWarning('Addons are disabled in this worker, so its round-robin servers cannot listen ' +
+                          '(EINVAL): allow addons in the workers\' execArgv, or use SCHED_NONE.',
+                          { code: 'CLUSTER_RS_WORKER_WITHOUT_ADDON' });
+    }
+    return null;
+  }
 }
