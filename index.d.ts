@@ -101,7 +101,10 @@ declare namespace cluster {
 
         /** Gracefully stop all workers; resolves once they have all exited. */
         shutdown(options?: ShutdownOptions): Promise<void>;
-        /** Replace all workers one by one without dropping service; resolves when done. */
+        /**
+         * Replace all workers one by one without dropping service; resolves when done.
+         * Called during a reload, it resolves after one more reload that follows it.
+         */
         reload(): Promise<void>;
 
         addListener(event: string, listener: (...args: any[]) => void): this;

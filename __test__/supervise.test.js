@@ -314,6 +314,25 @@ test('reload with waitReady: old workers leave only after the new ones say ready
        checkReload(await run('sup-reload.js', ['waitReady'], { timeout: 25000 }), { waitReady: true });
      });
 
+test('reload() asked again during a reload: one more follows, and every worker runs what was deployed',
+     { timeout: 30000 }, async () => {
+       const result = await run('sup-reload-more.js', ['again'], { timeout: 25000 });
+       assertCleanExit(result);
+       const r = one(result, 'result');
+       assert.deepEqual(r, { ...r, same: false, settled: ['fulfilled', 'fulfilled'] });
+       assert.deepEqual(r.versions, ['v2', 'v2'], 'a worker replaced before the second reload() kept the old code');
+     });
+
+test('reload when each worker also listens on a port of its own (base + id)', { timeout: 30000 }, async () => {
+  const result = await run('sup-reload-more.js', ['own-port'], { timeout: 25000 });
+  assertCleanExit(result);
+  const r = one(result, 'result');
+  assert.equal(r.outcome, 'reloaded');
+  assert.equal(r.served, true);
+  assert.deepEqual(r.ids, [3, 4]);
+  assert.deepEqual(r.own, ['own 3', 'own 4']);
+});
+
 function checkReloadFailure(result, code) {
   assertCleanExit(result);
   const settled = one(result, 'reload-settled');

@@ -77,7 +77,8 @@ function createSupervisor(primary) {
   let shutdownPromise = null;
   let shutdowns = 0;
   let suspensions = 0; // cluster.disconnect() calls whose workers have not all exited yet
-  let reloadPromise = null;
+  let reloadPromise = null; // the reload under way
+  let reloadAfter = null; // one more, asked for while a reload was under way
   let started = false;
 
   function start() {
@@ -265,10 +266,10 @@ function createSupervisor(primary) {
     return shutdownPromise;
   }
 
-  // Resolves when `fresh` serves everything `old` served (or, with
+  // Resolves when `fresh` serves what `old` served (see `serves`; or, with
   // waitReady, has sent 'ready'); rejects if it dies or takes too long.
   function whenReady(fresh, old) {
-    const keys = primary.keysOf(old);
+    const serves = servesInPlaceOf(old, fresh);
     const waitReady = cluster.settings.waitReady === true;
     const timeout = cluster.settings.readyTimeout ?? DEFAULT_READY_TIMEOUT;
     return new Promise((resolve, reject) => {
@@ -281,8 +282,7 @@ function createSupervisor(primary) {
         fresh.removeListener('error', onError);
       };
       const check = () => {
-        const current = new Set(primary.keysOf(fresh));
-        if (!waitReady && keys.every((k) => current.has(k)) && fresh.state !== 'none') {
+        if (!waitReady && serves() && fresh.state !== 'none') {
           cleanup();
           resolve();
         }
@@ -318,6 +318,24 @@ function createSupervisor(primary) {
     });
   }
 
+  // A test of whether `fresh` serves in place of `old`: every server `old`
+  // shares with other workers (the app's port), and as many servers in all
+  // as `old` had. A server no other worker has may be one of each worker's
+  // own, on a port that comes from its id (metrics on 9100 + id, say), which
+  // `fresh` cannot have; it counts as served by any server of `fresh`'s own.
+  function servesInPlaceOf(old, fresh) {
+    const others = new Set();
+    for (const w of Object.values(cluster.workers)) {
+      if (w !== old && w !== fresh) primary.keysOf(w).forEach((k) => others.add(k));
+    }
+    const keys = primary.keysOf(old);
+    const shared = keys.filter((k) => others.has(k));
+    return () => {
+      const current = new Set(primary.keysOf(fresh));
+      return shared.every((k) => current.has(k)) && current.size >= keys.length;
+    };
+  }
+
   async function replace(old) {
     // If `old` dies meanwhile, its replacement is already on the way.
     old[kReplacing] = true;
@@ -341,12 +359,26 @@ function createSupervisor(primary) {
     await retire([old], shutdownTimeout());
   }
 
+  // A reload asked for while one is under way may be for code deployed
+  // since: the workers already replaced run the older code. One more reload
+  // follows the current one, for however many such calls.
   function reload() {
-    if (reloadPromise) return reloadPromise;
-    const shutdownsBefore = shutdowns;
+    if (reloadPromise === null) return reloadNow(shutdowns);
+    if (reloadAfter === null) {
+      const shutdownsBefore = shutdowns;
+      reloadAfter = reloadPromise.catch(() => {}).then(() => {
+        reloadAfter = null;
+        return reloadPromise ?? reloadNow(shutdownsBefore);
+      });
+    }
+    return reloadAfter;
+  }
+
+  function reloadNow(shutdownsBefore) {
     const aborted = () => Object.assign(new Error('cluster-rs: reload stopped by shutdown()'),
                                         { code: 'ERR_CLUSTER_RS_RELOAD_ABORTED' });
     reloadPromise = (async () => {
+      if (shutdowns !== shutdownsBefore) throw aborted();
       for (const old of Object.values(cluster.workers)) {
         if (old.isDead() || !old.isConnected() || old.exitedAfterDisconnect) continue;
         try {
