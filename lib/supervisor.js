@@ -266,8 +266,9 @@ function createSupervisor(primary) {
     return shutdownPromise;
   }
 
-  // Resolves when `fresh` serves what `old` served (see `serves`; or, with
-  // waitReady, has sent 'ready'); rejects if it dies or takes too long.
+  // Resolves when `fresh` serves what `old` served (see `servesInPlaceOf`;
+  // or, with waitReady, has sent 'ready'); rejects if it dies or takes too
+  // long.
   function whenReady(fresh, old) {
     const serves = servesInPlaceOf(old, fresh);
     const waitReady = cluster.settings.waitReady === true;
