@@ -333,6 +333,17 @@ test('reload when each worker also listens on a port of its own (base + id)', { 
   assert.deepEqual(r.own, ['own 3', 'own 4']);
 });
 
+test('reload of a single worker whose new code opens another port first waits for the app\'s port',
+     { timeout: 30000 }, async () => {
+       const result = await run('sup-reload-more.js', ['new-port'], { timeout: 25000 });
+       assertCleanExit(result);
+       assert.deepEqual(one(result, 'result'), {
+         ...one(result, 'result'),
+         outcome: 'reloaded',
+         log: ['new listening other', 'new listening app', 'old disconnect'],
+       });
+     });
+
 function checkReloadFailure(result, code) {
   assertCleanExit(result);
   const settled = one(result, 'reload-settled');

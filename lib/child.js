@@ -121,7 +121,13 @@ function shared(message, { handle, indexesKey, index }, cb) {
 // drives like a real one.
 function roundRobin(message, { indexesKey, index, server }, cb) {
   if (message.errno) return cb(message.errno, null);
-  if (!channelOpen) return cb(-22 /* EINVAL */, null);
+  if (!channelOpen) {
+    // No data channel (no addon here): nothing could reach this server.
+    // The primary counts us in already; leave, so that it lets the port go.
+    send({ act: 'close', key: message.key });
+    removeIndexesKey(indexesKey, index);
+    return cb(-22 /* EINVAL */, null);
+  }
 
   let key = message.key;
   const listener = message.listener;

@@ -320,20 +320,27 @@ function createSupervisor(primary) {
   }
 
   // A test of whether `fresh` serves in place of `old`: every server `old`
-  // shares with other workers (the app's port), and as many servers in all
-  // as `old` had. A server no other worker has may be one of each worker's
-  // own, on a port that comes from its id (metrics on 9100 + id, say), which
-  // `fresh` cannot have; it counts as served by any server of `fresh`'s own.
+  // serves. Except, when other workers run, one that none of them has may be
+  // a server of each worker's own, on a port that comes from its id (metrics
+  // on 9100 + id, say), which `fresh` cannot have: such servers count as
+  // served by as many servers of `fresh`'s that `old` did not have. (With
+  // no other workers nothing tells them apart from the app's own ports.)
   function servesInPlaceOf(old, fresh) {
     const others = new Set();
+    let otherWorkers = 0;
     for (const w of Object.values(cluster.workers)) {
-      if (w !== old && w !== fresh) primary.keysOf(w).forEach((k) => others.add(k));
+      if (w === old || w === fresh || w.isDead()) continue;
+      otherWorkers++;
+      primary.keysOf(w).forEach((k) => others.add(k));
     }
     const keys = primary.keysOf(old);
-    const shared = keys.filter((k) => others.has(k));
     return () => {
       const current = new Set(primary.keysOf(fresh));
-      return shared.every((k) => current.has(k)) && current.size >= keys.length;
+      const missing = keys.filter((k) => !current.has(k));
+      if (missing.length === 0) return true;
+      if (otherWorkers === 0 || missing.some((k) => others.has(k))) return false;
+      const added = [...current].filter((k) => !keys.includes(k));
+      return added.length >= missing.length;
     };
   }
 

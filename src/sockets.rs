@@ -43,21 +43,16 @@ pub struct Listening {
     pub adopted: Option<Adopted>,
 }
 
-/// The descriptor number an application passed to `listen({ fd })`. The
-/// listener takes it over, as node:cluster's primary does (its handle wraps
-/// that number): nobody may adopt the number again while the listener
-/// lives, and the listener closes it when it closes. Then the socket stops
-/// listening unless its owner holds it too (systemd's socket activation
-/// does, and queues connections while the service restarts), so the socket
-/// itself is never shut down.
+/// The descriptor number an application passed to `listen({ fd })`, while
+/// a listener works on a duplicate of it. The number stays the app's: it is
+/// never closed here (so a worker that listens on it again after every
+/// other has closed, a restart, gets it again), and the socket is never shut
+/// down (systemd's socket activation holds it too, and queues connections
+/// while the service restarts). As under node:cluster, whose handle wraps
+/// the number, a second server on the number meanwhile fails with EEXIST.
 #[derive(Debug)]
 pub struct Adopted {
     fd: RawFd,
-    /// What the number named when it was adopted: it is closed only if it
-    /// still names that socket (the application may have closed it, and the
-    /// number may be another file's by now).
-    dev: u64,
-    ino: u64,
 }
 
 /// The numbers adopted by listeners that are still open.
@@ -67,21 +62,7 @@ impl Drop for Adopted {
     fn drop(&mut self) {
         let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
         adopted.retain(|&fd| fd != self.fd);
-        if identity(self.fd) == Some((self.dev, self.ino)) {
-            // SAFETY: the application handed this number over with listen({ fd })
-            // and it still names the socket it handed over (checked just above).
-            drop(unsafe { sys::own(self.fd) });
-        }
     }
-}
-
-/// The device and inode a descriptor number names, if it is open.
-#[allow(clippy::unnecessary_cast)] // dev_t and ino_t are not u64 everywhere (macOS: i32 dev_t)
-fn identity(fd: RawFd) -> Option<(u64, u64)> {
-    // SAFETY: only borrowed for the fstat call; a number that is not open
-    // makes it fail with EBADF, it does not touch memory.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    nix::sys::stat::fstat(borrowed).ok().map(|st| (st.st_dev as u64, st.st_ino as u64))
 }
 
 /// Removes a Unix socket's file when dropped, as libuv does when a pipe server closes.
@@ -289,8 +270,8 @@ fn chmod_all(path: &str, readable: bool, writable: bool) -> SysResult<()> {
 }
 
 /// Adopts a socket the application passed by number (`listen({ fd })`; see
-/// `Adopted`). The listener works on a close-on-exec duplicate. `watched`
-/// says whether the process's event loop watches the number already.
+/// `Adopted`): a close-on-exec duplicate that listens. `watched` says
+/// whether the process's event loop watches the number already.
 pub fn listen_fd(original: RawFd, n: i32, watched: impl FnOnce(RawFd) -> bool) -> SysResult<Listening> {
     let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
     let fd = sys::dup_cloexec(original).map_err(|e| match e.errno {
@@ -310,9 +291,8 @@ pub fn listen_fd(original: RawFd, n: i32, watched: impl FnOnce(RawFd) -> bool) -
     }
     sys::set_nonblocking(fd.as_fd(), true)?;
     start_listening(&fd, n)?;
-    let (dev, ino) = identity(fd.as_raw_fd()).ok_or(SysError { syscall: "fstat", errno: Errno::EBADF })?;
     adopted.push(original);
-    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default(), adopted: Some(Adopted { fd: original, dev, ino }) })
+    Ok(Listening { fd, unlink_on_close: UnlinkOnDrop::default(), adopted: Some(Adopted { fd: original }) })
 }
 
 /// Whether `fd` is an open IPv4 or IPv6 datagram socket: what libuv takes
@@ -352,7 +332,6 @@ pub fn sockname(fd: &OwnedFd) -> SysResult<Option<SockName>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::IntoRawFd;
 
     fn loopback(port: u16) -> InetSpec {
         InetSpec {
@@ -414,14 +393,14 @@ mod tests {
     }
 
     #[test]
-    fn an_adopted_number_is_taken_once_and_closed_with_its_listener() {
-        let given = listen_tcp(&loopback(0), 16).unwrap().fd.into_raw_fd();
-        let socket = identity(given).unwrap();
-        let first = listen_fd(given, 16, |_| false).unwrap();
-        assert_eq!(listen_fd(given, 16, |_| false).unwrap_err().errno, Errno::EEXIST);
+    fn an_adopted_number_is_taken_once_at_a_time_and_stays_open() {
+        let given = listen_tcp(&loopback(0), 16).unwrap().fd;
+        let first = listen_fd(given.as_raw_fd(), 16, |_| false).unwrap();
+        assert_eq!(listen_fd(given.as_raw_fd(), 16, |_| false).unwrap_err().errno, Errno::EEXIST);
         drop(first);
-        // Closed (a test running alongside may have been given the number since).
-        assert_ne!(identity(given), Some(socket), "the number was not closed with the listener");
+        // The number is still the app's, and may be listened on again.
+        let again = listen_fd(given.as_raw_fd(), 16, |_| false).unwrap();
+        assert_ne!(again.fd.as_raw_fd(), given.as_raw_fd());
     }
 
     #[test]
@@ -431,24 +410,6 @@ mod tests {
         assert_eq!(err.errno, Errno::EEXIST);
         let udp = bind_udp(&loopback(0)).unwrap();
         assert_eq!(listen_fd(udp.as_raw_fd(), 16, |_| true).unwrap_err().errno, Errno::EINVAL);
-        assert!(identity(given.as_raw_fd()).is_some(), "a refused number stays open");
-    }
-
-    #[test]
-    fn an_adopted_number_that_names_another_file_by_then_is_left_open() {
-        let given = listen_tcp(&loopback(0), 16).unwrap().fd.into_raw_fd();
-        let listener = listen_fd(given, 16, |_| false).unwrap();
-        // The application closes the number, and it comes back as a file
-        // (dup2 does both at once, so no test alongside gets it meanwhile).
-        let file = std::fs::File::open("/dev/null").unwrap();
-        // SAFETY: `given` is this test's own (into_raw_fd above; the listener
-        // holds a duplicate), and dup2 replaces it atomically.
-        let reused = unsafe { libc::dup2(file.as_raw_fd(), given) };
-        assert_eq!(reused, given);
-        drop(listener);
-        assert!(identity(reused).is_some(), "the file under the reused number was closed");
-        // SAFETY: dup2 made `reused` a descriptor of this test's own.
-        drop(unsafe { sys::own(reused) });
     }
 
     #[test]
