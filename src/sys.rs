@@ -185,9 +185,45 @@ pub fn accept_failure(errno: Errno) -> AcceptFailure {
     }
 }
 
+/// What a failed `sendmsg` on a data channel means for its writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFailure {
+    /// Interrupted: send again now.
+    Again,
+    /// The peer's buffer is full: send again once the channel is writable.
+    Full,
+    /// The kernel is short of memory, or of room for descriptors in flight
+    /// (ETOOMANYREFS): the channel is fine, but writable says nothing about
+    /// when that passes, so send again after a pause.
+    Pressure,
+    /// The peer is gone, or the descriptor is unusable: the channel is over.
+    Broken,
+}
+
+pub fn send_failure(errno: Errno) -> SendFailure {
+    match errno {
+        Errno::EINTR => SendFailure::Again,
+        e if would_block(e) => SendFailure::Full,
+        Errno::ENOBUFS | Errno::ENOMEM | Errno::ETOOMANYREFS => SendFailure::Pressure,
+        _ => SendFailure::Broken,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_gone_peer_ends_a_channel() {
+        assert_eq!(send_failure(Errno::EINTR), SendFailure::Again);
+        assert_eq!(send_failure(Errno::EAGAIN), SendFailure::Full);
+        for errno in [Errno::ENOBUFS, Errno::ENOMEM, Errno::ETOOMANYREFS] {
+            assert_eq!(send_failure(errno), SendFailure::Pressure, "{errno}");
+        }
+        for errno in [Errno::EPIPE, Errno::ECONNRESET, Errno::EBADF, Errno::ENOTCONN] {
+            assert_eq!(send_failure(errno), SendFailure::Broken, "{errno}");
+        }
+    }
 
     #[test]
     fn an_accept_error_of_one_connection_does_not_end_the_queue() {
