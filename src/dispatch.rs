@@ -5,6 +5,13 @@
 //! - A connection is held (its fd stays open here) from `accept` until a worker
 //!   acks it as accepted. A decline, or the death of the worker's channel, puts
 //!   it back in its listener's queue for another worker: nothing is lost.
+//!   Pressure on a channel (the kernel short of buffers, or of room for
+//!   descriptors in flight) puts back what was assigned to its worker and not
+//!   yet written, too, but it is no decline: the channel only pauses (see
+//!   `flush_channel`), and the worker keeps its place and may be given the
+//!   connection later.
+//! - What is partly written on a channel goes out before anything else, and a
+//!   lease goes out whole before any connection, whatever a send met.
 //! - A worker never holds more than `window` unacknowledged connections, so a
 //!   stuck worker cannot swallow connections; the rest wait in the kernel's
 //!   backlog, which is where they are cheapest.
@@ -20,7 +27,7 @@
 //! JavaScript talks to the thread through commands and a wake-up socket only.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -30,7 +37,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::sockets::Listening;
-use crate::sys::{self, AcceptFailure, SysResult};
+use crate::sys::{self, AcceptFailure, SendFailure, SysResult};
 use crate::wire::{self, Decoder, Incoming, Record, MAX_FDS_PER_MSG, RECORD_LEN};
 use crate::worker_channel::DIRECT;
 
@@ -44,6 +51,21 @@ pub const DEFAULT_WINDOW: usize = 8;
 /// How far behind the others a worker may fall and still be owed the
 /// difference, in windows (see `Listener::offer`).
 const CATCH_UP_WINDOWS: u64 = 16;
+
+/// How long to stop accepting after running out of descriptors (EMFILE and
+/// kin) when no acknowledgement frees one first.
+const STARVED_WAIT: Duration = Duration::from_millis(100);
+
+/// How long a channel under pressure pauses (`Channel::pause_for_pressure`):
+/// the first time, and at most. Pressure passes when the kernel frees memory
+/// or the workers take in the descriptors in flight, which it does not
+/// announce (the channel may be writable all along), so the only way to know
+/// is to try again. The first pause is short, so a passing shortage costs a
+/// worker little; each one in a row doubles, so one that lasts costs few
+/// futile sends; and the cap brings the worker back within a second once it
+/// passes.
+const FIRST_PAUSE: Duration = Duration::from_millis(10);
+const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 
 /// Who accepts the connections of a round-robin listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +111,12 @@ pub enum Command {
     Stats {
         reply: mpsc::SyncSender<Vec<ChannelStats>>,
     },
+    /// The next sends on channel `id` fail with these, one each (tests only).
+    #[cfg(test)]
+    FailSends {
+        id: u32,
+        errnos: Vec<Errno>,
+    },
 }
 
 /// Per-worker counters, for tests and the benchmark.
@@ -98,6 +126,8 @@ pub struct ChannelStats {
     pub handed: u64,
     pub accepted: u64,
     pub declined: u64,
+    /// Times a send met pressure and the channel paused.
+    pub pauses: u64,
     pub held: u32,
     /// Listeners this worker is attached to.
     pub attached: u32,
@@ -280,6 +310,15 @@ impl Listener {
         self.ledger.as_mut()?.lease(listener, channel, &self.socket.fd)
     }
 
+    /// A connection offered to `channel` was not handed after all (its
+    /// channel paused): it does not count as offered, so the worker is owed
+    /// it as if it had been passed over while full.
+    fn unoffer(&mut self, channel: u32) {
+        if let Some(i) = self.members.iter().position(|&c| c == channel) {
+            self.offered[i] = self.offered[i].saturating_sub(1);
+        }
+    }
+
     /// `channel` no longer takes connections here (see also `forget`).
     fn detach(&mut self, channel: u32) {
         if let Some(ledger) = self.ledger.as_mut() {
@@ -311,7 +350,79 @@ struct Channel {
     decoder: Decoder,
     retired: bool,
     broken: bool,
+    /// Under pressure: nothing is written, and no connection assigned, until
+    /// this time; what the worker writes is still read.
+    paused_until: Option<Instant>,
+    /// The last pause; zero once a send succeeds.
+    pause: Duration,
     stats: ChannelStats,
+    /// Failures the next sends meet instead of sending, one each (tests only).
+    #[cfg(test)]
+    faults: std::cell::RefCell<VecDeque<Errno>>,
+}
+
+impl Channel {
+    fn new(id: u32, fd: OwnedFd) -> Channel {
+        Channel {
+            fd,
+            leases: Vec::new(),
+            held: HashMap::new(),
+            queued: Vec::new(),
+            tail: Vec::new(),
+            decoder: Decoder::default(),
+            retired: false,
+            broken: false,
+            paused_until: None,
+            pause: Duration::ZERO,
+            stats: ChannelStats { id, ..Default::default() },
+            #[cfg(test)]
+            faults: Default::default(),
+        }
+    }
+
+    /// Whether connections may be assigned to this worker (room aside).
+    fn takes_connections(&self) -> bool {
+        !self.retired && !self.broken && self.paused_until.is_none()
+    }
+
+    /// Whether there is something to write once the channel is writable.
+    fn has_output(&self) -> bool {
+        !self.tail.is_empty() || !self.queued.is_empty() || !self.leases.is_empty()
+    }
+
+    /// `wire::send` on the channel (in tests, the next fault queued instead).
+    fn send(&self, bytes: &[u8], fds: &[RawFd]) -> SysResult<usize> {
+        #[cfg(test)]
+        if let Some(errno) = self.faults.borrow_mut().pop_front() {
+            return Err(sys::SysError { syscall: "sendmsg", errno });
+        }
+        wire::send(self.fd.as_raw_fd(), bytes, fds)
+    }
+
+    /// A send went out: pressure, if there was any, has passed.
+    fn sent(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+
+    /// What a failed send means for the channel; true to send again at once.
+    fn failed(&mut self, errno: Errno) -> bool {
+        match sys::send_failure(errno) {
+            SendFailure::Again => return true,
+            // `wait` asks for POLLOUT while something is left to write.
+            SendFailure::Full => {}
+            SendFailure::Pressure => self.pause_for_pressure(),
+            SendFailure::Broken => self.broken = true,
+        }
+        false
+    }
+
+    /// Stops writing for a while (see `FIRST_PAUSE`): 10 ms, doubling with
+    /// each pause in a row, up to a second.
+    fn pause_for_pressure(&mut self) {
+        self.pause = (self.pause * 2).clamp(FIRST_PAUSE, LONGEST_PAUSE);
+        self.paused_until = Some(Instant::now() + self.pause);
+        self.stats.pauses += 1;
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -370,14 +481,27 @@ impl Loop {
                     }
                 }
             }
-            self.dispatch();
-            self.flush();
-            self.drop_broken_channels();
+            self.hand_out();
         }
     }
 
+    /// Assigns what waits and writes it to the workers.
+    fn hand_out(&mut self) {
+        // A channel that pauses gives back what was assigned to it: the
+        // others take it now, not at the next wake-up, which may be far off.
+        // Each round that gives some back has paused another channel, so
+        // this ends.
+        loop {
+            self.dispatch();
+            if !self.flush() {
+                break;
+            }
+        }
+        self.drop_broken_channels();
+    }
+
     fn has_room(&self, channel: u32) -> bool {
-        self.channels.get(&channel).is_some_and(|c| !c.retired && !c.broken && c.held.len() < self.window)
+        self.channels.get(&channel).is_some_and(|c| c.takes_connections() && c.held.len() < self.window)
     }
 
     fn room(&self, listener: &Listener) -> usize {
@@ -385,7 +509,7 @@ impl Loop {
             .members
             .iter()
             .filter_map(|id| self.channels.get(id))
-            .filter(|c| !c.retired && !c.broken)
+            .filter(|c| c.takes_connections())
             .map(|c| self.window.saturating_sub(c.held.len()))
             .sum()
     }
@@ -404,23 +528,47 @@ impl Loop {
             }
         }
         for (&id, c) in &self.channels {
+            // A paused channel is writable all along: asking would only spin.
+            // Its acks are read all the same.
             let mut events = PollFlags::POLLIN;
-            if !c.tail.is_empty() || !c.queued.is_empty() || !c.leases.is_empty() {
+            if c.paused_until.is_none() && c.has_output() {
                 events |= PollFlags::POLLOUT;
             }
             tokens.push(Token::Channel(id));
             fds.push(PollFd::new(c.fd.as_fd(), events));
         }
-        let timeout = if self.starved { PollTimeout::from(100u16) } else { PollTimeout::NONE };
+        let now = Instant::now();
+        let starved = self.starved.then_some(STARVED_WAIT);
+        let retry =
+            self.channels.values().filter_map(|c| c.paused_until).min().map(|t| t.saturating_duration_since(now));
+        let wait = starved.into_iter().chain(retry).min();
+        // In whole milliseconds, rounded up: rounded down, the wait for a
+        // pause that ends in less than one would spin until it ends.
+        let timeout = match wait {
+            Some(wait) => PollTimeout::from(wait.as_nanos().div_ceil(1_000_000).min(u16::MAX as u128) as u16),
+            None => PollTimeout::NONE,
+        };
         let n = nix::poll::poll(&mut fds, timeout)?;
-        if n == 0 {
+        // Only when it was the wait for descriptors that ran out, not a pause.
+        if n == 0 && starved.is_some() && starved == wait {
             self.starved = false;
         }
-        Ok(tokens
+        let ready = tokens
             .into_iter()
             .zip(fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())))
             .filter(|(_, ev)| !ev.is_empty())
-            .collect())
+            .collect();
+        self.resume(Instant::now());
+        Ok(ready)
+    }
+
+    /// Ends the pauses that are over by `now`.
+    fn resume(&mut self, now: Instant) {
+        for c in self.channels.values_mut() {
+            if c.paused_until.is_some_and(|t| t <= now) {
+                c.paused_until = None;
+            }
+        }
     }
 
     /// Applies queued commands. False when the dispatcher was dropped.
@@ -440,20 +588,7 @@ impl Loop {
         match command {
             Command::AddChannel { id, fd } => {
                 if sys::set_nonblocking(fd.as_fd(), true).is_ok() {
-                    self.channels.insert(
-                        id,
-                        Channel {
-                            fd,
-                            leases: Vec::new(),
-                            held: HashMap::new(),
-                            queued: Vec::new(),
-                            tail: Vec::new(),
-                            decoder: Decoder::default(),
-                            retired: false,
-                            broken: false,
-                            stats: ChannelStats { id, ..Default::default() },
-                        },
-                    );
+                    self.channels.insert(id, Channel::new(id, fd));
                 }
             }
             Command::RetireChannel { id } => {
@@ -518,6 +653,12 @@ impl Loop {
                     .collect();
                 all.sort_by_key(|s| s.id);
                 let _ = reply.send(all);
+            }
+            #[cfg(test)]
+            Command::FailSends { id, errnos } => {
+                if let Some(c) = self.channels.get_mut(&id) {
+                    c.faults.get_mut().extend(errnos);
+                }
             }
         }
     }
@@ -592,10 +733,30 @@ impl Loop {
         }
     }
 
-    fn flush(&mut self) {
-        for c in self.channels.values_mut() {
+    /// Writes what waits on every channel. A channel that paused gives back
+    /// the connections assigned to it and not yet written, to the head of
+    /// their queues in their order; true when it gave back any.
+    fn flush(&mut self) -> bool {
+        let mut unsent = Vec::new();
+        for (&id, c) in &mut self.channels {
             flush_channel(c);
+            // Only one that paused just now has any queued: `dispatch`
+            // assigns nothing to a paused channel.
+            if c.paused_until.is_some() {
+                // A forged ack may have settled one already (see `flush_channel`).
+                unsent.extend(c.queued.drain(..).filter_map(|seq| c.held.remove(&seq)).map(|conn| (id, conn)));
+            }
         }
+        let gave_back = !unsent.is_empty();
+        // Last first, as each goes to the head of its queue.
+        for (id, conn) in unsent.into_iter().rev() {
+            if let Some(l) = self.listeners.get_mut(&conn.listener) {
+                l.unoffer(id);
+            }
+            // Not declined: the worker may take it once its pause is over.
+            self.requeue(conn);
+        }
+        gave_back
     }
 
     fn read_channel(&mut self, id: u32) {
@@ -897,8 +1058,12 @@ mod ledger_share {
     }
 }
 
+/// Writes what waits on `c`: a lease whole before anything else, then what
+/// is left of a short write, then the connections queued, as far as the
+/// socket takes them. A send that meets pressure pauses the channel, and
+/// what it was to write stays (the caller gives back the connections).
 fn flush_channel(c: &mut Channel) {
-    if c.broken {
+    if c.broken || c.paused_until.is_some() {
         return;
     }
     // A lease is sent whole, before anything else: the tail is empty here.
@@ -907,29 +1072,27 @@ fn flush_channel(c: &mut Channel) {
         let mut bytes = Vec::with_capacity(RECORD_LEN);
         record.encode(&mut bytes);
         let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        match wire::send(c.fd.as_raw_fd(), &bytes, &raw) {
+        match c.send(&bytes, &raw) {
             Ok(n) => {
+                c.sent();
                 c.tail.extend_from_slice(&bytes[n..]);
                 c.leases.remove(0);
             }
-            Err(e) if sys::would_block(e.errno) => return,
-            Err(_) => {
-                c.broken = true;
-                return;
-            }
+            Err(e) if c.failed(e.errno) => continue,
+            Err(_) => return,
         }
     }
-    if !c.tail.is_empty() {
-        match wire::send(c.fd.as_raw_fd(), &c.tail, &[]) {
-            Ok(n) => drop(c.tail.drain(..n)),
-            Err(e) if sys::would_block(e.errno) => return,
-            Err(_) => {
-                c.broken = true;
-                return;
+    while !c.tail.is_empty() {
+        match c.send(&c.tail, &[]) {
+            Ok(n) => {
+                c.sent();
+                c.tail.drain(..n);
+                if !c.tail.is_empty() {
+                    return;
+                }
             }
-        }
-        if !c.tail.is_empty() {
-            return;
+            Err(e) if c.failed(e.errno) => continue,
+            Err(_) => return,
         }
     }
     while !c.queued.is_empty() {
@@ -947,20 +1110,19 @@ fn flush_channel(c: &mut Channel) {
             c.queued.drain(..count);
             continue;
         }
-        match wire::send(c.fd.as_raw_fd(), &bytes, &fds) {
+        match c.send(&bytes, &fds) {
             Ok(n) => {
+                c.sent();
                 c.queued.drain(..count);
-                c.stats.handed += count as u64;
+                c.stats.handed += fds.len() as u64;
                 if n < bytes.len() {
                     c.tail.extend_from_slice(&bytes[n..]);
                     return;
                 }
             }
-            Err(e) if sys::would_block(e.errno) => return,
-            Err(_) => {
-                c.broken = true;
-                return;
-            }
+            // Nothing of a failed send went out: the batch is still queued.
+            Err(e) if c.failed(e.errno) => continue,
+            Err(_) => return,
         }
     }
 }
@@ -1048,9 +1210,14 @@ mod tests {
 
     /// Attaches a worker and waits until the dispatcher has read its Ready.
     fn worker(d: &Dispatcher, listener: u32) -> Worker {
+        attached_worker(d, listener).0
+    }
+
+    /// As `worker`; also its channel id.
+    fn attached_worker(d: &Dispatcher, listener: u32) -> (Worker, u32) {
         let (worker, id) = new_worker(d, listener, |add| d.send(add));
         wait_for(|| d.stats().iter().any(|s| s.id == id && s.attached == 1));
-        worker
+        (worker, id)
     }
 
     /// A worker whose channel `add` gives to `d`, and which has sent Ready
@@ -1261,24 +1428,61 @@ mod tests {
         Loop::new(wake, commands, window, Duration::MAX, 0)
     }
 
-    /// A loop with listener 1 and worker 10, which has been handed one
-    /// connection: the worker's end, the batch it got, and the client.
-    fn handed_one() -> (Loop, WorkerChannel, Vec<u32>, TcpStream) {
+    /// A worker on channel `id` of `lp`, attached to `listener`.
+    fn bare_worker(lp: &mut Loop, id: u32, listener: u32) -> WorkerChannel {
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        lp.apply(Command::AddChannel { id, fd: primary_end });
+        let worker = WorkerChannel::new(worker_end).unwrap();
+        worker.ready(listener).unwrap();
+        lp.read_channel(id);
+        worker
+    }
+
+    /// A loop with listener 1, on the port returned, and `n` workers
+    /// attached to it, on channels 10, 11 and on.
+    fn bare_workers(n: u32) -> (Loop, Vec<WorkerChannel>, u16) {
         let mut lp = bare_loop(4);
         let (listening, port) = loopback_listener();
         lp.apply(Command::AddListener { id: 1, listening, ledger: None });
-        let (primary_end, worker_end) = sys::stream_pair().unwrap();
-        lp.apply(Command::AddChannel { id: 10, fd: primary_end });
-        let worker = WorkerChannel::new(worker_end).unwrap();
-        worker.ready(1).unwrap();
-        lp.read_channel(10);
-        let client = connect(port);
+        let workers = (10..10 + n).map(|id| bare_worker(&mut lp, id, 1)).collect();
+        (lp, workers, port)
+    }
+
+    /// Waits until `lp` has accepted one more connection on `listener`.
+    fn accept_one(lp: &mut Loop, listener: u32) {
+        let waiting = lp.listeners[&listener].pending.len();
         wait_for(|| {
-            lp.accept_from(1);
-            !lp.listeners[&1].pending.is_empty()
+            lp.accept_from(listener);
+            lp.listeners[&listener].pending.len() > waiting
         });
-        lp.dispatch();
-        lp.flush();
+    }
+
+    /// The records waiting on a worker's end of its channel, in the order
+    /// sent (a `WorkerChannel` would keep leases and connections apart),
+    /// each with how many descriptors came with it.
+    fn records(worker: &WorkerChannel) -> Vec<(Record, usize)> {
+        let mut decoder = Decoder::default();
+        let mut buf = [0u8; RECORD_LEN * 64];
+        loop {
+            let mut fds = Vec::new();
+            match wire::recv(worker.raw_fd(), &mut buf, &mut fds) {
+                Ok(r) if r.bytes > 0 => decoder.push(&buf[..r.bytes], fds, r.truncated),
+                _ => break,
+            }
+        }
+        let mut incoming = Vec::new();
+        decoder.drain(&mut incoming);
+        incoming.into_iter().map(|i| (i.record, i.fds.map_or(0, |fds| fds.len()))).collect()
+    }
+
+    /// A loop with listener 1 and worker 10, which has been handed one
+    /// connection: the worker's end, the batch it got, and the client.
+    fn handed_one() -> (Loop, WorkerChannel, Vec<u32>, TcpStream) {
+        let (mut lp, mut workers, port) = bare_workers(1);
+        let worker = workers.pop().unwrap();
+        let client = connect(port);
+        accept_one(&mut lp, 1);
+        lp.hand_out();
         let mut batch = Vec::new();
         worker.drain(&mut batch, &mut Vec::new()).unwrap();
         assert_eq!(batch.len(), 3);
@@ -1453,5 +1657,210 @@ mod tests {
         let (mut batch, mut leases) = (Vec::new(), Vec::new());
         assert!(worker.drain(&mut batch, &mut leases).unwrap(), "still open");
         assert!(leases.is_empty() && batch.is_empty());
+    }
+
+    /// A worker whose sends meet `errno` three times in a row keeps its
+    /// channel (pausing 10, 20 and 40 ms), and is handed connections, and
+    /// heard, once they go. The pauses end by the loop's own timeout.
+    fn paused_not_dropped(errno: Errno) {
+        let (d, l, port) = setup(4);
+        let (a, id) = attached_worker(&d, l);
+        d.send(Command::FailSends { id, errnos: vec![errno; 3] });
+        let stats = || d.stats().into_iter().find(|s| s.id == id).expect("the channel was removed");
+        for n in 1..=2 {
+            let mut client = connect(port);
+            let mut server = a.accept();
+            assert_connected(&mut client, &mut server);
+            wait_for(|| {
+                let s = stats();
+                s.handed == n && s.accepted == n
+            });
+        }
+        let s = stats();
+        assert_eq!((s.pauses, s.declined, s.attached), (3, 0, 1));
+    }
+
+    #[test]
+    fn a_channel_out_of_room_for_descriptors_in_flight_is_paused_not_dropped() {
+        paused_not_dropped(Errno::ETOOMANYREFS);
+    }
+
+    #[test]
+    fn a_channel_out_of_buffers_is_paused_not_dropped() {
+        paused_not_dropped(Errno::ENOBUFS);
+    }
+
+    #[test]
+    fn a_paused_workers_connection_goes_to_another_and_may_come_back() {
+        let (mut lp, mut workers, port) = bare_workers(1);
+        let a = workers.pop().unwrap();
+        // a holds one connection, unacknowledged.
+        let mut first = connect(port);
+        accept_one(&mut lp, 1);
+        lp.hand_out();
+        let mut held = Vec::new();
+        a.drain(&mut held, &mut Vec::new()).unwrap();
+        assert_eq!(held.len(), 3);
+        // b joins level with a, so a is next in turn; its send fails.
+        let b = bare_worker(&mut lp, 11, 1);
+        lp.apply(Command::FailSends { id: 10, errnos: vec![Errno::ETOOMANYREFS] });
+        let mut second = connect(port);
+        accept_one(&mut lp, 1);
+        lp.hand_out();
+        let s = lp.channels[&10].stats;
+        assert_eq!((s.pauses, s.handed), (1, 1));
+        assert_eq!(lp.channels[&10].held.len(), 1, "still held for the paused worker");
+        let mut batch = Vec::new();
+        b.drain(&mut batch, &mut Vec::new()).unwrap();
+        assert_eq!(batch.len(), 3, "the other worker did not get it at once");
+        assert!(lp.channels[&11].held[&batch[1]].declined_by.is_empty());
+        // b declines it. a, paused, has not: it waits for a, not closed as
+        // if every worker had declined it.
+        b.settle(&[], &[batch[1]]).unwrap();
+        lp.read_channel(11);
+        lp.hand_out();
+        let pending = &lp.listeners[&1].pending;
+        assert_eq!(pending.len(), 1, "closed");
+        assert_eq!(pending[0].declined_by, [11]);
+        assert!(lp.listeners[&1].members.contains(&10));
+        // a's ack, sent during the pause, is read.
+        a.settle(&[held[1]], &[]).unwrap();
+        // SAFETY: settled as accepted, so the fd is ours.
+        assert_connected(&mut first, &mut unsafe { TcpStream::from_raw_fd(held[2] as i32) });
+        let ready = lp.wait().unwrap();
+        assert!(
+            ready.iter().any(|(t, ev)| matches!(t, Token::Channel(10)) && ev.contains(PollFlags::POLLIN)),
+            "a paused channel is not polled for reading"
+        );
+        lp.read_channel(10);
+        assert_eq!(lp.channels[&10].stats.accepted, 1);
+        // Its pause over, a takes the connection b declined.
+        lp.resume(Instant::now() + LONGEST_PAUSE);
+        lp.hand_out();
+        let mut again = Vec::new();
+        a.drain(&mut again, &mut Vec::new()).unwrap();
+        assert_eq!(again.len(), 3, "not handed after the pause");
+        a.settle(&[again[1]], &[]).unwrap();
+        // SAFETY: settled as accepted, so the fd is ours.
+        assert_connected(&mut second, &mut unsafe { TcpStream::from_raw_fd(again[2] as i32) });
+        assert_eq!(lp.channels[&10].stats.handed, 2);
+    }
+
+    #[test]
+    fn a_paused_worker_is_owed_what_its_pause_gave_back() {
+        let (mut lp, workers, port) = bare_workers(2);
+        let hand = |lp: &mut Loop| {
+            let client = connect(port);
+            accept_one(lp, 1);
+            lp.hand_out();
+            client
+        };
+        // 10 is first in turn, but its send fails: 11 gets the first, and
+        // the second while 10 is paused.
+        lp.apply(Command::FailSends { id: 10, errnos: vec![Errno::ETOOMANYREFS] });
+        let _clients = [hand(&mut lp), hand(&mut lp)];
+        assert_eq!(records(&workers[1]).len(), 2);
+        // Its pause over, 10 gets the next two: it was handed neither.
+        lp.resume(Instant::now() + LONGEST_PAUSE);
+        let _clients = [hand(&mut lp), hand(&mut lp)];
+        assert_eq!(records(&workers[0]).len(), 2, "the connection it gave back counted as its turn");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_lease_that_meets_pressure_goes_whole_after_the_pause_before_any_connection() {
+        let mut lp = bare_loop(4);
+        let (listening, _) = loopback_listener();
+        let ledger = ledger_share::ListenerLedger::create().unwrap();
+        lp.apply(Command::AddListener { id: 1, listening, ledger: Some(ledger) });
+        // The worker also serves listener 2, where this thread accepts for it.
+        let (listening, port) = loopback_listener();
+        lp.apply(Command::AddListener { id: 2, listening, ledger: None });
+        let worker = bare_worker(&mut lp, 10, 2);
+        lp.apply(Command::Join { listener: 1, channel: 10 });
+        lp.apply(Command::FailSends { id: 10, errnos: vec![Errno::ENOBUFS] });
+        let _client = connect(port);
+        accept_one(&mut lp, 2);
+        lp.hand_out();
+        assert!(records(&worker).is_empty(), "written in spite of the pause");
+        assert_eq!(lp.channels[&10].leases.len(), 1);
+        assert_eq!(lp.listeners[&2].pending.len(), 1, "the connection was not given back");
+        // Nor is the channel polled for writing, which would only spin.
+        let ready = lp.wait().unwrap();
+        assert!(!ready.iter().any(|(t, _)| matches!(t, Token::Channel(10))));
+        lp.resume(Instant::now() + LONGEST_PAUSE);
+        lp.hand_out();
+        let got = records(&worker);
+        assert!(
+            matches!(got[..], [(Record::Lease { listener: 1, slot: 0 }, 3), (Record::Conn { listener: 2, .. }, 1)]),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn what_was_partly_written_goes_first_after_a_pause() {
+        let (mut lp, workers, port) = bare_workers(1);
+        // A whole record stands in for what a short write left.
+        Record::NoLease { listener: 1 }.encode(&mut lp.channels.get_mut(&10).unwrap().tail);
+        lp.apply(Command::FailSends { id: 10, errnos: vec![Errno::ENOBUFS] });
+        let _client = connect(port);
+        accept_one(&mut lp, 1);
+        lp.hand_out();
+        assert!(records(&workers[0]).is_empty(), "written in spite of the pause");
+        assert_eq!(lp.channels[&10].tail.len(), RECORD_LEN);
+        lp.resume(Instant::now() + LONGEST_PAUSE);
+        lp.hand_out();
+        let got = records(&workers[0]);
+        assert!(
+            matches!(got[..], [(Record::NoLease { listener: 1 }, 0), (Record::Conn { listener: 1, .. }, 1)]),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn pauses_double_from_ten_ms_up_to_a_second_and_start_over_after_a_send() {
+        let (fd, _peer) = sys::stream_pair().unwrap();
+        let mut c = Channel::new(1, fd);
+        Record::NoLease { listener: 1 }.encode(&mut c.tail);
+        c.faults.get_mut().extend([Errno::ENOBUFS; 9]);
+        let pauses: Vec<u128> = (0..9)
+            .map(|_| {
+                flush_channel(&mut c);
+                c.paused_until = None;
+                c.pause.as_millis()
+            })
+            .collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        flush_channel(&mut c);
+        assert!(c.tail.is_empty());
+        Record::NoLease { listener: 1 }.encode(&mut c.tail);
+        c.faults.get_mut().push_back(Errno::ENOMEM);
+        flush_channel(&mut c);
+        assert_eq!(c.pause, FIRST_PAUSE);
+        assert_eq!(c.stats.pauses, 10);
+    }
+
+    #[test]
+    fn an_interrupted_send_is_made_again_at_once() {
+        let (mut lp, workers, port) = bare_workers(1);
+        lp.apply(Command::FailSends { id: 10, errnos: vec![Errno::EINTR] });
+        let _client = connect(port);
+        accept_one(&mut lp, 1);
+        lp.hand_out();
+        let got = records(&workers[0]);
+        assert!(matches!(got[..], [(Record::Conn { listener: 1, .. }, 1)]), "{got:?}");
+        assert_eq!(lp.channels[&10].stats.pauses, 0);
+    }
+
+    #[test]
+    fn a_broken_pipe_still_ends_the_channel() {
+        let (mut lp, _workers, port) = bare_workers(1);
+        lp.apply(Command::FailSends { id: 10, errnos: vec![Errno::EPIPE] });
+        let _client = connect(port);
+        accept_one(&mut lp, 1);
+        lp.hand_out();
+        assert!(!lp.channels.contains_key(&10));
+        assert!(lp.listeners[&1].members.is_empty());
+        assert_eq!(lp.listeners[&1].pending.len(), 1, "what it held waits for another worker");
     }
 }
