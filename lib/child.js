@@ -44,6 +44,10 @@ cluster._setupWorker = function setupWorker(id, channelFd, addon) {
   if (channelFd >= 0) {
     const rc = native.workerAttach(channelFd, onBatch);
     channelOpen = rc === 0;
+    // Acknowledgements that found the channel full wait in the addon until
+    // the primary reads; lost with us, they would send the connections we
+    // took to another worker too.
+    if (channelOpen) process.on('exit', () => native.workerFlush());
   }
 
   process.once('disconnect', () => {

@@ -2,7 +2,7 @@
 //! counters, and `{ errno, syscall }` for failures, which `lib/errors.js`
 //! turns into Node-shaped errors in one place.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,7 @@ use crate::dispatch::{Balance, Command, Dispatcher, DEFAULT_WINDOW};
 use crate::sockets::{self, InetSpec, Listening};
 use crate::supervise::{Decision, Policy, Slots, Timers};
 use crate::sys::{self, SysError, SysResult};
-use crate::worker_channel::{Lease, WorkerChannel};
+use crate::worker_channel::{Backlog, Lease, WorkerChannel, PRESSURE_PAUSE};
 
 /// The outcome of creating a socket: `id` (listener) or `fd` (shared socket)
 /// on success, a negative `errno` and the failing `syscall` otherwise.
@@ -317,8 +317,11 @@ mod uv {
     use std::ffi::{c_int, c_void};
 
     pub const UV_POLL: c_int = 8; // uv_handle_type
-    pub const UV_READABLE: c_int = 1;
+    pub const UV_TIMER: c_int = 13;
+    pub const UV_READABLE: c_int = 1; // uv_poll_event
+    pub const UV_WRITABLE: c_int = 2;
     pub type PollCb = extern "C" fn(handle: *mut c_void, status: c_int, events: c_int);
+    pub type TimerCb = extern "C" fn(handle: *mut c_void);
     pub type WalkCb = extern "C" fn(handle: *mut c_void, arg: *mut c_void);
 
     // libuv, exported by the node binary that loads this addon.
@@ -327,6 +330,8 @@ mod uv {
         pub fn uv_poll_init(uv_loop: *mut c_void, handle: *mut c_void, fd: c_int) -> c_int;
         pub fn uv_poll_start(handle: *mut c_void, events: c_int, cb: PollCb) -> c_int;
         pub fn uv_poll_stop(handle: *mut c_void) -> c_int;
+        pub fn uv_timer_init(uv_loop: *mut c_void, handle: *mut c_void) -> c_int;
+        pub fn uv_timer_start(handle: *mut c_void, cb: TimerCb, timeout: u64, repeat: u64) -> c_int;
         pub fn uv_unref(handle: *mut c_void);
         pub fn uv_walk(uv_loop: *mut c_void, cb: WalkCb, arg: *mut c_void);
         pub fn uv_fileno(handle: *mut c_void, fd: *mut c_int) -> c_int;
@@ -381,6 +386,13 @@ struct LoopReceiver {
     context: napi::sys::napi_async_context,
     channel: Arc<WorkerChannel>,
     uv_loop: *mut std::ffi::c_void,
+    /// The channel's poll handle; null once the primary closed the channel.
+    poll: Cell<*mut std::ffi::c_void>,
+    /// The poll also waits for room to write (`Backlog::Writable`).
+    writable: Cell<bool>,
+    /// A timer for `Backlog::Pause`, made when first needed, and whether it runs.
+    pause: Cell<*mut std::ffi::c_void>,
+    pausing: Cell<bool>,
 }
 
 thread_local! {
@@ -413,7 +425,17 @@ impl LoopReceiver {
             unsafe { napi::sys::napi_async_init(raw, std::ptr::null_mut(), name.raw(), &mut context) },
             "napi_async_init",
         )?;
-        Ok(LoopReceiver { env: raw, callback: reference, context, channel, uv_loop: std::ptr::null_mut() })
+        Ok(LoopReceiver {
+            env: raw,
+            callback: reference,
+            context,
+            channel,
+            uv_loop: std::ptr::null_mut(),
+            poll: Cell::new(std::ptr::null_mut()),
+            writable: Cell::new(false),
+            pause: Cell::new(std::ptr::null_mut()),
+            pausing: Cell::new(false),
+        })
     }
 
     /// Registers the poll handle; returns 0 or a negative errno.
@@ -424,9 +446,66 @@ impl LoopReceiver {
         // until the worker exits, and acceptors deliver through it.
         let data = Box::into_raw(Box::new(self));
         RECEIVER.with(|r| r.set(data));
-        match new_poll(uv_loop, fd, data.cast(), on_channel_readable) {
-            Ok(_) => 0,
+        match new_poll(uv_loop, fd, data.cast(), on_channel_event) {
+            Ok(handle) => {
+                // SAFETY: `data` was leaked above and is never freed.
+                unsafe { &*data }.poll.set(handle);
+                0
+            }
             Err(rc) => rc,
+        }
+    }
+
+    /// Has the loop send what waits in the channel's outbox (see
+    /// `Backlog`): when the channel is writable, or after a pause. Called
+    /// after everything that writes to the channel.
+    fn follow_backlog(&self) {
+        let poll = self.poll.get();
+        if poll.is_null() {
+            return;
+        }
+        let backlog = self.channel.backlog();
+        let writable = backlog == Backlog::Writable;
+        if writable != self.writable.get() {
+            let events = if writable { uv::UV_READABLE | uv::UV_WRITABLE } else { uv::UV_READABLE };
+            // SAFETY: the channel's poll handle, active, on its loop's thread;
+            // starting it again changes the events it waits for.
+            if unsafe { uv::uv_poll_start(poll, events, on_channel_event) } == 0 {
+                self.writable.set(writable);
+            }
+        }
+        if backlog == Backlog::Pause && !self.pausing.get() {
+            self.start_pause();
+        }
+    }
+
+    fn start_pause(&self) {
+        let mut timer = self.pause.get();
+        if timer.is_null() {
+            // SAFETY: uv_handle_size only reads a constant table.
+            let size = unsafe { uv::uv_handle_size(uv::UV_TIMER) };
+            // SAFETY: a zeroed allocation of the size libuv asks for.
+            timer = unsafe { libc::calloc(1, size) };
+            if timer.is_null() {
+                return;
+            }
+            // SAFETY: writable memory of the right size; this thread's loop.
+            if unsafe { uv::uv_timer_init(self.uv_loop, timer) } != 0 {
+                // SAFETY: not registered with the loop; ours to free.
+                unsafe { libc::free(timer) };
+                return;
+            }
+            // SAFETY: an initialised handle; its first field is `void* data`.
+            // The receiver lives for the rest of the process.
+            unsafe { *timer.cast::<*const LoopReceiver>() = self };
+            // SAFETY: an initialised handle; a pause alone keeps no worker alive.
+            unsafe { uv::uv_unref(timer) };
+            self.pause.set(timer);
+        }
+        let ms = PRESSURE_PAUSE.as_millis() as u64;
+        // SAFETY: an initialised timer of this loop; the callback matches uv_timer_cb.
+        if unsafe { uv::uv_timer_start(timer, on_pause_over, ms, 0) } == 0 {
+            self.pausing.set(true);
         }
     }
 
@@ -464,9 +543,13 @@ impl LoopReceiver {
     }
 }
 
-extern "C" fn on_channel_readable(handle: *mut std::ffi::c_void, status: std::ffi::c_int, _events: std::ffi::c_int) {
+extern "C" fn on_channel_event(handle: *mut std::ffi::c_void, status: std::ffi::c_int, events: std::ffi::c_int) {
     // SAFETY: `data` was set to a leaked LoopReceiver before the poll started.
     let receiver = unsafe { &*(*handle.cast::<*mut LoopReceiver>()) };
+    if status == 0 && events & uv::UV_WRITABLE != 0 {
+        // An error means the primary is gone; reading says so below.
+        let _ = receiver.channel.flush();
+    }
     let mut batch = Vec::new();
     let mut leases = Vec::new();
     let open = status == 0 && receiver.channel.drain(&mut batch, &mut leases).unwrap_or(false);
@@ -476,8 +559,28 @@ extern "C" fn on_channel_readable(handle: *mut std::ffi::c_void, status: std::ff
     }
     if !open {
         // The primary is gone; the IPC channel's 'disconnect' ends the worker.
+        receiver.poll.set(std::ptr::null_mut());
         // SAFETY: an active poll handle of this loop.
         unsafe { uv::uv_poll_stop(handle) };
+        return;
+    }
+    receiver.follow_backlog();
+}
+
+extern "C" fn on_pause_over(timer: *mut std::ffi::c_void) {
+    // SAFETY: `data` was set to the leaked LoopReceiver when the timer was made.
+    let receiver = unsafe { &*(*timer.cast::<*const LoopReceiver>()) };
+    receiver.pausing.set(false);
+    let _ = receiver.channel.flush();
+    receiver.follow_backlog();
+}
+
+/// Runs `f` with the worker's receiver, once its channel is attached.
+fn with_receiver(f: impl FnOnce(&LoopReceiver)) {
+    let receiver = RECEIVER.with(|r| r.get());
+    if !receiver.is_null() {
+        // SAFETY: set when the channel was attached, and never freed.
+        f(unsafe { &*receiver });
     }
 }
 
@@ -487,7 +590,17 @@ fn errno_of(r: SysResult<()>) -> i32 {
 
 #[napi]
 pub fn worker_settle(accepted: Vec<u32>, declined: Vec<u32>) -> i32 {
-    WORKER.get().map(|w| errno_of(w.settle(&accepted, &declined))).unwrap_or(0)
+    let rc = WORKER.get().map(|w| errno_of(w.settle(&accepted, &declined))).unwrap_or(0);
+    with_receiver(LoopReceiver::follow_backlog);
+    rc
+}
+
+/// For a worker about to exit: sends what still waits for the primary
+/// (acknowledgements that found no room), waiting a second at most, since
+/// the primary would otherwise hand those connections to another worker.
+#[napi]
+pub fn worker_flush() -> i32 {
+    WORKER.get().map(|w| errno_of(w.wait_until_sent(std::time::Duration::from_secs(1)))).unwrap_or(0)
 }
 
 thread_local! {
@@ -533,17 +646,17 @@ pub fn worker_ready(listener: u32, leased: bool) -> Vec<u32> {
     SERVING.with(|s| s.borrow_mut().insert(listener));
     if !leased {
         let _ = w.ready(listener);
+        with_receiver(LoopReceiver::follow_backlog);
         return batch;
     }
     let mut leases: Vec<Lease> = EARLY_LEASES.with(|e| e.borrow_mut().remove(&listener)).into_iter().collect();
     if leases.is_empty() {
         let _ = w.await_lease(listener, LEASE_TIMEOUT, &mut batch, &mut leases);
     }
-    let receiver = RECEIVER.with(|r| r.get());
-    if !receiver.is_null() {
-        // SAFETY: set when the channel was attached, and never freed.
-        take_leases(unsafe { &*receiver }, leases);
-    }
+    with_receiver(|receiver| {
+        take_leases(receiver, leases);
+        receiver.follow_backlog();
+    });
     batch
 }
 
@@ -553,7 +666,9 @@ pub fn worker_gone(listener: u32) -> i32 {
     EARLY_LEASES.with(|e| e.borrow_mut().remove(&listener));
     #[cfg(target_os = "linux")]
     direct::stop(listener);
-    WORKER.get().map(|w| errno_of(w.gone(listener))).unwrap_or(0)
+    let rc = WORKER.get().map(|w| errno_of(w.gone(listener))).unwrap_or(0);
+    with_receiver(LoopReceiver::follow_backlog);
+    rc
 }
 
 /// Worker side of the ledger: one uv_poll per leased listener, on the

@@ -13,15 +13,16 @@
 //! join the same batches, with sequence numbers of their own (`DIRECT` set).
 //! One the worker cannot take goes back to the primary (`Return`) for another.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-use crate::sys::{self, SysError, SysResult};
+use crate::sys::{self, SendFailure, SysError, SysResult};
 use crate::wire::{self, Decoder, Incoming, Record, MAX_FDS_PER_MSG, RECORD_LEN};
 
 /// Set in the sequence numbers of connections the worker accepted itself;
@@ -48,12 +49,45 @@ pub struct WorkerChannel {
     /// Delivered, not yet settled: sequence → (listener, descriptor).
     unsettled: Mutex<HashMap<u32, (u32, OwnedFd)>>,
     next_direct: AtomicU32,
-    /// How long a write waits for room before it gives up.
-    write_timeout: PollTimeout,
-    /// Set once a write gave up after sending part of what it had: the
-    /// primary would read what came next as the rest of that record, so
-    /// nothing more is written.
+    /// What the primary has not taken yet (see `Outbox`).
+    outbox: Mutex<Outbox>,
+    /// How long a control record (`Ready`, `Gone`) waits for room.
+    control_timeout: Duration,
+    /// Set once the primary's end is gone: nothing more is written.
     broken: AtomicBool,
+}
+
+/// Writes that found no room, in order, so that the JavaScript thread never
+/// waits for the primary to read and nothing written is lost. The
+/// dispatcher reads continuously, so this holds anything only while the
+/// primary cannot keep up; its event loop then sends the rest when the
+/// channel is writable again (see `Backlog`).
+#[derive(Default)]
+struct Outbox {
+    /// Each message with the descriptors that go with its first byte; they
+    /// stay open here until sent.
+    messages: VecDeque<(Vec<u8>, Vec<OwnedFd>)>,
+    /// The kernel refused for want of memory or room for descriptors in
+    /// flight, rather than for want of buffer space.
+    pressure: bool,
+}
+
+/// How long a worker waits before it writes again after the kernel refused
+/// for want of memory (`Backlog::Pause`). Such a refusal is rare and passes
+/// when other processes free memory or descriptors; until then, acks wait
+/// and the primary holds their connections, within its window.
+pub const PRESSURE_PAUSE: Duration = Duration::from_millis(10);
+
+/// What a worker's event loop waits for before it calls `flush` again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// Everything is written.
+    Empty,
+    /// The primary's buffer is full: flush when the channel is writable.
+    Writable,
+    /// The kernel is under pressure (`SendFailure::Pressure`): writable says
+    /// nothing about when that passes, so flush after a pause.
+    Pause,
 }
 
 impl WorkerChannel {
@@ -68,7 +102,8 @@ impl WorkerChannel {
             decoder: Mutex::default(),
             unsettled: Mutex::new(HashMap::new()),
             next_direct: AtomicU32::new(0),
-            write_timeout: PollTimeout::from(1000u16),
+            outbox: Mutex::default(),
+            control_timeout: Duration::from_secs(1),
             broken: AtomicBool::new(false),
         })
     }
@@ -134,7 +169,7 @@ impl WorkerChannel {
         if !lost.is_empty() {
             let mut bytes = Vec::with_capacity(lost.len() * RECORD_LEN);
             lost.iter().for_each(|&seq| Record::Ack { seq, accepted: false }.encode(&mut bytes));
-            self.write_all(&bytes)?;
+            self.post(bytes, Vec::new())?;
         }
         Ok(open)
     }
@@ -171,7 +206,8 @@ impl WorkerChannel {
     /// Settles delivered connections: `accepted` fds now belong to the caller's
     /// handles; `declined` ones go back to the primary: a received one is
     /// closed here (the primary still holds it), one the worker accepted
-    /// itself travels back with a `Return`.
+    /// itself travels back with a `Return`. Never waits: what finds no room
+    /// stays in the outbox (see `backlog`).
     pub fn settle(&self, accepted: &[u32], declined: &[u32]) -> SysResult<()> {
         let mut bytes = Vec::with_capacity((accepted.len() + declined.len()) * RECORD_LEN);
         let mut returns = Vec::new();
@@ -194,18 +230,21 @@ impl WorkerChannel {
                 }
             }
         }
-        self.write_all(&bytes)?;
-        for chunk in returns.chunks(MAX_FDS_PER_MSG) {
+        if !bytes.is_empty() {
+            self.post(bytes, Vec::new())?;
+        }
+        let mut returns = returns.into_iter().peekable();
+        while returns.peek().is_some() {
+            let chunk: Vec<(u32, OwnedFd)> = returns.by_ref().take(MAX_FDS_PER_MSG).collect();
             let mut bytes = Vec::with_capacity(chunk.len() * RECORD_LEN);
             chunk.iter().for_each(|&(listener, _)| Record::Return { listener }.encode(&mut bytes));
-            let fds: Vec<RawFd> = chunk.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
-            self.write_all_with(&bytes, &fds)?;
+            self.post(bytes, chunk.into_iter().map(|(_, fd)| fd).collect())?;
         }
         Ok(())
     }
 
     pub fn ready(&self, listener: u32) -> SysResult<()> {
-        self.write_record(Record::Ready { listener })
+        self.write_control(Record::Ready { listener })
     }
 
     /// Waits, at most `timeout`, for the lease on a listener under the
@@ -216,17 +255,17 @@ impl WorkerChannel {
     pub fn await_lease(
         &self,
         listener: u32,
-        timeout: std::time::Duration,
+        timeout: Duration,
         batch: &mut Vec<u32>,
         leases: &mut Vec<Lease>,
     ) -> SysResult<()> {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             let open = self.drain(batch, leases)?;
             if !open || leases.iter().any(|l| l.listener == listener) {
                 return Ok(());
             }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(SysError { syscall: "recvmsg", errno: Errno::ETIMEDOUT });
             }
@@ -236,20 +275,101 @@ impl WorkerChannel {
     }
 
     pub fn gone(&self, listener: u32) -> SysResult<()> {
-        self.write_record(Record::Gone { listener })
+        self.write_control(Record::Gone { listener })
     }
 
-    fn write_record(&self, record: Record) -> SysResult<()> {
+    /// Writes a control record and waits, up to a second, until it (and
+    /// whatever was waiting before it) has been sent. The primary relies on
+    /// the order of the two ways a worker talks to it: what the worker wrote
+    /// here before a message on Node's IPC channel (a `Gone` before the query
+    /// of a server that listens again) is there to read when that message
+    /// arrives. On a timeout the record stays queued all the same.
+    fn write_control(&self, record: Record) -> SysResult<()> {
         let mut bytes = Vec::with_capacity(RECORD_LEN);
         record.encode(&mut bytes);
-        self.write_all(&bytes)
+        self.post(bytes, Vec::new())?;
+        self.wait_until_sent(self.control_timeout)
     }
 
-    /// Writes from the JS thread without blocking it for long: the primary
-    /// reads continuously and at most a window of acks is ever outstanding,
-    /// so the socket buffer does not fill; if it ever does, wait up to a second.
-    fn write_all(&self, bytes: &[u8]) -> SysResult<()> {
-        self.write_all_with(bytes, &[])
+    /// Blocks until the outbox is empty, at most about `timeout`. For a
+    /// worker about to exit (what is still queued would be lost with it)
+    /// and for control records.
+    pub fn wait_until_sent(&self, timeout: Duration) -> SysResult<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let backlog = self.flush()?;
+            if backlog == Backlog::Empty {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(SysError { syscall: "sendmsg", errno: Errno::ETIMEDOUT });
+            }
+            if backlog == Backlog::Pause {
+                std::thread::sleep(left.min(PRESSURE_PAUSE));
+            } else {
+                let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+                self.wait_for(PollFlags::POLLOUT, PollTimeout::from(ms))?;
+            }
+        }
+    }
+
+    /// Queues a message (its descriptors go with its first byte) after
+    /// whatever waits, and sends what it can without blocking.
+    fn post(&self, bytes: Vec<u8>, fds: Vec<OwnedFd>) -> SysResult<Backlog> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(SysError { syscall: "sendmsg", errno: Errno::EPIPE });
+        }
+        let mut outbox = self.outbox.lock().unwrap();
+        outbox.messages.push_back((bytes, fds));
+        self.send_queued(&mut outbox)
+    }
+
+    /// Sends what waits in the outbox, in order, without blocking; says what
+    /// to wait for before calling again. An error means the primary is gone.
+    pub fn flush(&self) -> SysResult<Backlog> {
+        let mut outbox = self.outbox.lock().unwrap();
+        self.send_queued(&mut outbox)
+    }
+
+    /// What the outbox waits for now (see `flush`).
+    pub fn backlog(&self) -> Backlog {
+        let outbox = self.outbox.lock().unwrap();
+        match (outbox.messages.is_empty(), outbox.pressure) {
+            (true, _) => Backlog::Empty,
+            (false, false) => Backlog::Writable,
+            (false, true) => Backlog::Pause,
+        }
+    }
+
+    fn send_queued(&self, outbox: &mut Outbox) -> SysResult<Backlog> {
+        outbox.pressure = false;
+        while let Some((bytes, fds)) = outbox.messages.front_mut() {
+            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            match wire::send(self.fd.as_raw_fd(), bytes, &raw) {
+                Ok(n) if n == bytes.len() => drop(outbox.messages.pop_front()),
+                Ok(n) => {
+                    // The descriptors went with the first bytes: the rest
+                    // follows alone. Closing our copies is safe now.
+                    bytes.drain(..n);
+                    fds.clear();
+                }
+                Err(e) => match sys::send_failure(e.errno) {
+                    SendFailure::Again => {}
+                    SendFailure::Full => return Ok(Backlog::Writable),
+                    SendFailure::Pressure => {
+                        outbox.pressure = true;
+                        return Ok(Backlog::Pause);
+                    }
+                    SendFailure::Broken => {
+                        self.broken.store(true, Ordering::Relaxed);
+                        outbox.messages.clear();
+                        return Err(e);
+                    }
+                },
+            }
+        }
+        Ok(Backlog::Empty)
     }
 
     /// Waits until the channel is ready for `events`; false when `timeout`
@@ -261,36 +381,6 @@ impl WorkerChannel {
             Err(Errno::EINTR) => Ok(true),
             Err(errno) => Err(SysError { syscall: "poll", errno }),
         }
-    }
-
-    /// As `write_all`; the descriptors go with the first bytes sent. A write
-    /// that fails part-way breaks the channel for writing (see `broken`).
-    fn write_all_with(&self, mut bytes: &[u8], mut fds: &[RawFd]) -> SysResult<()> {
-        if self.broken.load(Ordering::Relaxed) {
-            return Err(SysError { syscall: "sendmsg", errno: Errno::EPIPE });
-        }
-        let total = bytes.len();
-        while !bytes.is_empty() {
-            let failed = match wire::send(self.fd.as_raw_fd(), bytes, fds) {
-                Ok(n) => {
-                    bytes = &bytes[n..];
-                    fds = &[];
-                    continue;
-                }
-                Err(e) if e.errno == Errno::EINTR => continue,
-                Err(e) if sys::would_block(e.errno) => match self.wait_for(PollFlags::POLLOUT, self.write_timeout) {
-                    Ok(true) => continue,
-                    Ok(false) => SysError { syscall: "sendmsg", errno: Errno::ETIMEDOUT },
-                    Err(e) => e,
-                },
-                Err(e) => e,
-            };
-            if bytes.len() < total {
-                self.broken.store(true, Ordering::Relaxed);
-            }
-            return Err(failed);
-        }
-        Ok(())
     }
 }
 
@@ -321,39 +411,130 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_write_that_gives_up_part_way_is_the_last_one() {
-        let (primary_end, worker_end) = sys::stream_pair().unwrap();
-        sys::set_nonblocking(primary_end.as_fd(), true).unwrap();
-        let mut channel = WorkerChannel::new(worker_end).unwrap();
-        channel.write_timeout = PollTimeout::from(20u16);
-        // More records than the socket holds, with nobody reading them.
-        let bytes = many_records();
-        assert_eq!(channel.write_all(&bytes).unwrap_err().errno, Errno::ETIMEDOUT);
-        let sent = read_all_now(&primary_end);
-        assert!(sent > 0 && sent < bytes.len(), "{sent} of {}", bytes.len());
-        // The primary has read up to the middle of a record (or to the end
-        // of one): a record written now would be read out of step.
-        assert_eq!(channel.gone(1).unwrap_err().errno, Errno::EPIPE);
-        assert_eq!(read_all_now(&primary_end), 0);
+    /// Reads everything the primary's end gets from now on, until the
+    /// worker's end closes: the bytes, and the descriptors that came.
+    fn read_to_end(primary_end: OwnedFd) -> std::thread::JoinHandle<(Vec<u8>, Vec<OwnedFd>)> {
+        std::thread::spawn(move || {
+            sys::set_nonblocking(primary_end.as_fd(), false).unwrap();
+            let mut buf = [0u8; 65536];
+            let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+            loop {
+                let r = wire::recv(primary_end.as_raw_fd(), &mut buf, &mut fds).unwrap();
+                if r.bytes == 0 {
+                    return (bytes, fds);
+                }
+                bytes.extend_from_slice(&buf[..r.bytes]);
+            }
+        })
+    }
+
+    /// Flushes as the worker's event loop does: again each time the channel is writable.
+    fn flush_until_empty(channel: &WorkerChannel) {
+        while channel.flush().unwrap() != Backlog::Empty {
+            assert!(channel.wait_for(PollFlags::POLLOUT, PollTimeout::from(5000u16)).unwrap());
+        }
     }
 
     #[test]
-    fn a_write_that_waited_for_room_goes_on() {
+    fn acks_that_find_no_room_wait_in_order_without_holding_up_the_worker() {
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        sys::set_nonblocking(primary_end.as_fd(), true).unwrap();
+        let channel = WorkerChannel::new(worker_end).unwrap();
+        // More records than the socket holds, with nobody reading them: the
+        // call returns at once, and what did not fit waits.
+        let bytes = many_records();
+        assert_eq!(channel.post(bytes.clone(), Vec::new()).unwrap(), Backlog::Writable);
+        assert_eq!(channel.backlog(), Backlog::Writable);
+        let sent = read_all_now(&primary_end);
+        assert!(sent > 0 && sent < bytes.len(), "{sent} of {}", bytes.len());
+        // More comes after it, whole and in order, once the primary reads.
+        channel.settle(&[], &[]).unwrap();
+        let mut more = Vec::new();
+        Record::Gone { listener: 7 }.encode(&mut more);
+        assert_eq!(channel.post(more.clone(), Vec::new()).unwrap(), Backlog::Writable);
+        let reader = read_to_end(primary_end);
+        flush_until_empty(&channel);
+        assert_eq!(channel.backlog(), Backlog::Empty);
+        drop(channel);
+        let (rest, _) = reader.join().unwrap();
+        let mut expected = bytes[sent..].to_vec();
+        expected.extend_from_slice(&more);
+        assert!(rest == expected, "{} bytes arrived, {} expected", rest.len(), expected.len());
+    }
+
+    #[test]
+    fn a_returned_connection_that_finds_no_room_stays_open_until_sent() {
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        let channel = WorkerChannel::new(worker_end).unwrap();
+        assert_eq!(channel.post(many_records(), Vec::new()).unwrap(), Backlog::Writable);
+        // A connection this worker accepted itself and declines.
+        let (conn, _peer) = sys::stream_pair().unwrap();
+        let inode = nix::sys::stat::fstat(&conn).unwrap().st_ino;
+        let mut batch = Vec::new();
+        channel.adopt(3, vec![conn], &mut batch);
+        channel.settle(&[], &[batch[1]]).unwrap();
+        assert_eq!(channel.backlog(), Backlog::Writable);
+        let reader = read_to_end(primary_end);
+        flush_until_empty(&channel);
+        drop(channel);
+        let (bytes, fds) = reader.join().unwrap();
+        let mut decoder = Decoder::default();
+        decoder.push(&bytes, fds, false);
+        let mut incoming = Vec::new();
+        decoder.drain(&mut incoming);
+        let returned: Vec<_> = incoming
+            .into_iter()
+            .filter_map(|Incoming { record, fds }| match (record, fds) {
+                (Record::Return { listener }, Some(fds)) => Some((listener, fds)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(returned.len(), 1);
+        assert_eq!(returned[0].0, 3);
+        assert_eq!(nix::sys::stat::fstat(&returned[0].1[0]).unwrap().st_ino, inode);
+    }
+
+    #[test]
+    fn a_control_record_waits_for_room_and_then_goes_on() {
         let (primary_end, worker_end) = sys::stream_pair().unwrap();
         let channel = WorkerChannel::new(worker_end).unwrap();
         let bytes = many_records();
         let total = bytes.len();
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            let mut got = 0;
-            while got < total + RECORD_LEN {
-                got += nix::unistd::read(primary_end.as_fd(), &mut buf).unwrap();
-            }
-            got
-        });
-        channel.write_all(&bytes).unwrap();
+        assert_eq!(channel.post(bytes, Vec::new()).unwrap(), Backlog::Writable);
+        let reader = read_to_end(primary_end);
+        // Sent, with what waited before it, by the time it returns.
         channel.gone(1).unwrap();
-        assert_eq!(reader.join().unwrap(), total + RECORD_LEN);
+        assert_eq!(channel.backlog(), Backlog::Empty);
+        drop(channel);
+        assert_eq!(reader.join().unwrap().0.len(), total + RECORD_LEN);
+    }
+
+    #[test]
+    fn a_control_record_nobody_reads_stays_queued_after_the_timeout() {
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        sys::set_nonblocking(primary_end.as_fd(), true).unwrap();
+        let mut channel = WorkerChannel::new(worker_end).unwrap();
+        channel.control_timeout = Duration::from_millis(20);
+        let bytes = many_records();
+        channel.post(bytes.clone(), Vec::new()).unwrap();
+        assert_eq!(channel.gone(1).unwrap_err().errno, Errno::ETIMEDOUT);
+        let sent = read_all_now(&primary_end);
+        let reader = read_to_end(primary_end);
+        flush_until_empty(&channel);
+        drop(channel);
+        assert_eq!(sent + reader.join().unwrap().0.len(), bytes.len() + RECORD_LEN);
+    }
+
+    #[test]
+    fn once_the_primary_is_gone_nothing_more_is_written() {
+        let (primary_end, worker_end) = sys::stream_pair().unwrap();
+        let channel = WorkerChannel::new(worker_end).unwrap();
+        drop(primary_end);
+        let (conn, _peer) = sys::stream_pair().unwrap();
+        let mut batch = Vec::new();
+        channel.adopt(3, vec![conn], &mut batch);
+        assert_eq!(channel.settle(&[], &[batch[1]]).unwrap_err().errno, Errno::EPIPE);
+        assert_eq!(channel.backlog(), Backlog::Empty);
+        assert_eq!(channel.gone(1).unwrap_err().errno, Errno::EPIPE);
     }
 }
