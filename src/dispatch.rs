@@ -487,17 +487,17 @@ impl Loop {
 
     /// Assigns what waits and writes it to the workers.
     fn hand_out(&mut self) {
-        // A channel that pauses gives back what was assigned to it: the
-        // others take it now, not at the next wake-up, which may be far off.
-        // Each round that gives some back has paused another channel, so
-        // this ends.
+        // A channel that pauses gives back what was assigned to it, and a
+        // broken one what its worker held: the others take it now, not at
+        // the next wake-up, which may be far off. Each round that gives
+        // some back has paused or removed another channel, so this ends.
         loop {
             self.dispatch();
-            if !self.flush() {
+            let paused = self.flush();
+            if !self.drop_broken_channels() && !paused {
                 break;
             }
         }
-        self.drop_broken_channels();
     }
 
     fn has_room(&self, channel: u32) -> bool {
@@ -887,11 +887,13 @@ impl Loop {
         }
     }
 
-    fn drop_broken_channels(&mut self) {
+    /// Removes the channels found broken; true when there were any.
+    fn drop_broken_channels(&mut self) -> bool {
         let broken: Vec<u32> = self.channels.iter().filter(|(_, c)| c.broken).map(|(&id, _)| id).collect();
-        for id in broken {
+        for &id in &broken {
             self.remove_channel(id);
         }
+        !broken.is_empty()
     }
 }
 
@@ -1586,6 +1588,19 @@ mod tests {
             let mut buf = [0u8; 1];
             client.read_exact(&mut buf).unwrap();
         }
+    }
+
+    #[test]
+    fn a_dead_workers_connections_go_to_another_without_waiting_for_a_wake_up() {
+        let (d, l, port) = setup(2);
+        let stuck = worker(&d, l);
+        let _client = connect(port);
+        stuck.next();
+        // Attached after the connection went to the other: nothing else will
+        // wake the dispatcher once the other is gone.
+        let live = worker(&d, l);
+        nix::sys::socket::shutdown(stuck.end, nix::sys::socket::Shutdown::Both).unwrap();
+        assert!(live.try_next(Duration::from_secs(2)).is_some(), "the dead worker's connection waited");
     }
 
     #[test]
