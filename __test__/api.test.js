@@ -33,7 +33,9 @@ test('settings after setupPrimary reach the worker (exec, args, execArgv, cwd, e
     assert.deepEqual(one(rs, 'after-setup').settings, expected);
     // A second call merges into what is there.
     assert.deepEqual(one(rs, 'after-second-setup').settings, { ...expected, args: ['x', 'y'] });
-    assert.deepEqual(one(rs, 'stdio'), { ev: 'stdio', stdin: 'object', stdoutReadable: true, stderrReadable: true });
+    assert.deepEqual(one(rs, 'stdio'), {
+      ev: 'stdio', stdin: 'object', length: 4, stdoutReadable: true, stderrReadable: true,
+    });
 
     const done = one(rs, 'done');
     assert.equal(done.code, 0);
@@ -57,7 +59,7 @@ test('settings after setupPrimary reach the worker (exec, args, execArgv, cwd, e
 test('settings.stdio: an explicit stdio array is used as given', async () => {
   const [rs, node] = await both('settings.js', ['stdio']);
   assert.deepEqual(rs.messages, node.messages);
-  assert.deepEqual(one(rs, 'stdio'), { ev: 'stdio', stdin: null, stdoutReadable: true, stderrReadable: true });
+  assert.deepEqual(one(rs, 'stdio'), { ev: 'stdio', stdin: null, length: 4, stdoutReadable: true, stderrReadable: true });
   const done = one(rs, 'done');
   assert.deepEqual(done.report.args, ['x', 'y']);
   assert.deepEqual(done.report.execArgv, []);
@@ -66,10 +68,17 @@ test('settings.stdio: an explicit stdio array is used as given', async () => {
   assert.equal(done.stderr, 'to stderr\n');
 });
 
+test('disconnect() of a Worker the app built around a child of its own asks the child to go', async () => {
+  const [rs, node] = await both('api.js', ['own-worker']);
+  for (const r of [rs, node]) {
+    assert.deepEqual(one(r, 'own-worker'), { ev: 'own-worker', same: true, asked: 'disconnect', exitedAfterDisconnect: true });
+  }
+});
+
 test('settings.stdio shorter than 3 entries: the missing fds are pipes, and the data channel comes after them', async () => {
   const [rs, node] = await both('api.js', ['short-stdio']);
   for (const r of [rs, node]) {
-    assert.deepEqual(one(r, 'short-stdio'), { ev: 'short-stdio', body: 'worker 1', output: 'to stdout\n' });
+    assert.deepEqual(one(r, 'short-stdio'), { ev: 'short-stdio', body: 'worker 1', output: 'to stdout\n', length: 3 });
   }
 });
 
@@ -176,7 +185,7 @@ test('in the primary, node:cluster is the same object: a library using it sees t
   for (const r of [rs, node]) {
     assert.deepEqual(one(r, 'builtin'), {
       ev: 'builtin', same: true, seen: ['fork 1', 'message from 1'], body: 'worker 1', fork: true,
-      workers: ['1'], settings: true,
+      workers: [['1'], ['1']], settings: true,
     });
   }
 });

@@ -47,7 +47,9 @@ cluster[Symbol.for('cluster-rs.primary')] = __filename;
 cluster.isWorker = false;
 cluster.isMaster = true;
 cluster.isPrimary = true;
-cluster.workers = {};
+// The built-in's own `workers` object, kept: a library that took it before
+// cluster-rs loaded (`const { workers } = require('cluster')`) sees ours.
+if (cluster.workers === null || typeof cluster.workers !== 'object') cluster.workers = {};
 cluster.settings = {};
 cluster.SCHED_NONE = SCHED_NONE;
 cluster.SCHED_RR = SCHED_RR;
@@ -183,14 +185,15 @@ function wakeDispatcherSoon() {
   });
 }
 
+// (A Worker the app built itself has no channel.)
 function removeChannel(worker) {
-  if (worker[kChannel] < 0) return;
+  if (!(worker[kChannel] >= 0)) return;
   native.removeChannel(worker[kChannel]);
   wakeDispatcherSoon();
 }
 
 function retireChannel(worker) {
-  if (worker[kChannel] < 0) return;
+  if (!(worker[kChannel] >= 0)) return;
   native.retireChannel(worker[kChannel]);
   wakeDispatcherSoon();
 }
@@ -222,7 +225,7 @@ function createWorkerProcess(id, { env: workerEnv, settings }, channel) {
   const own = env.NODE_OPTIONS === undefined ? null : `${env.NODE_OPTIONS}`;
   env[ENV.NODE_OPTIONS] = JSON.stringify(own);
   env.NODE_OPTIONS = `--require "${PRELOAD.replace(/["\\]/g, '\\$&')}"` + (own ? ` ${own}` : '');
-  return fork(settings.exec, settings.args, {
+  const child = fork(settings.exec, settings.args, {
     cwd: settings.cwd,
     env,
     serialization: settings.serialization,
@@ -233,6 +236,10 @@ function createWorkerProcess(id, { env: workerEnv, settings }, channel) {
     gid: settings.gid,
     uid: settings.uid,
   });
+  // The data channel's entry (always null: an fd, not a pipe) is ours, not
+  // the app's: worker.process.stdio is as long as under node:cluster.
+  if (childFd >= 0) child.stdio.splice(childFd, 1);
+  return child;
 }
 
 function removeWorker(worker) {
