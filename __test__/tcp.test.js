@@ -192,6 +192,18 @@ for (const env of [{}, DISPATCH]) {
        });
 }
 
+for (const env of [{}, DISPATCH]) {
+  test(`maxConnections: while every worker is full, a new client waits and is served once one has room${env === DISPATCH ? ' (dispatch)' : ''}`,
+       async () => {
+         const [rs, node] = await both('tcp.js', ['full'], { env });
+         for (const result of [rs, node]) {
+           const r = one(result, 'result');
+           assert.ok(r.reply === '1' || r.reply === '2', JSON.stringify(r));
+           assert.equal(r.idle, 2);
+         }
+       });
+}
+
 test('server.close() waits for open connections; then the worker listens on the same port again', async () => {
   const [rs, node] = await both('tcp.js', ['relisten']);
   assert.deepEqual(rs.messages, node.messages);

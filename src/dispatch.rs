@@ -15,8 +15,9 @@
 //! - A worker never holds more than `window` unacknowledged connections, so a
 //!   stuck worker cannot swallow connections; the rest wait in the kernel's
 //!   backlog, which is where they are cheapest.
-//! - A connection that every attached worker declined is closed, as a single
-//!   server at `maxConnections` closes it.
+//! - A connection that every attached worker declined (all are at
+//!   `maxConnections`) waits for room, as under node:cluster's round-robin,
+//!   and is not closed: see `Listener::full`.
 //!
 //! Under the ledger (Linux; `Balance::Ledger`) the thread accepts nothing: a
 //! worker that joins (`Command::Join`, as the primary answers its query)
@@ -51,6 +52,14 @@ pub const DEFAULT_WINDOW: usize = 8;
 /// How far behind the others a worker may fall and still be owed the
 /// difference, in windows (see `Listener::offer`).
 const CATCH_UP_WINDOWS: u64 = 16;
+
+/// How often one of the connections that every worker declined is offered
+/// again while they wait for room (`Listener::full`). node:cluster's primary
+/// offers such a connection around again at once, a message after message
+/// for as long as every worker is full; one offer per listener every 5 ms
+/// finds the room as well, and when a worker takes it the others follow at
+/// once.
+const ROOM_RETRY: Duration = Duration::from_millis(5);
 
 /// How long to stop accepting after running out of descriptors (EMFILE and
 /// kin) when no acknowledgement frees one first.
@@ -117,6 +126,9 @@ pub enum Command {
         id: u32,
         errnos: Vec<Errno>,
     },
+    /// Another `ROOM_RETRY` (tests only).
+    #[cfg(test)]
+    RoomRetry(Duration),
 }
 
 /// Per-worker counters, for tests and the benchmark.
@@ -250,6 +262,11 @@ struct Listener {
     last_accept: Option<Instant>,
     /// Accepted connections that no worker could take yet.
     pending: VecDeque<Conn>,
+    /// Connections that every member declined, oldest first: they wait for
+    /// a worker to have room. One goes back to `pending` at `retry_at`;
+    /// all do once a worker accepts one or a new worker joins.
+    full: VecDeque<Conn>,
+    retry_at: Option<Instant>,
     /// Under the ledger: workers accept themselves.
     ledger: Option<ledger_share::ListenerLedger>,
 }
@@ -317,6 +334,38 @@ impl Listener {
         if let Some(i) = self.members.iter().position(|&c| c == channel) {
             self.offered[i] = self.offered[i].saturating_sub(1);
         }
+    }
+
+    /// Offers every connection waiting for room again: a worker (`taker`)
+    /// has room now, or a new one joined.
+    fn room_found(&mut self, taker: Option<u32>) {
+        while let Some(mut conn) = self.full.pop_back() {
+            // Those that declined it are still full, as far as we know; a
+            // worker that took one just now is not.
+            conn.declined_by.retain(|&c| Some(c) != taker);
+            self.pending.push_front(conn);
+        }
+        self.retry_at = None;
+    }
+
+    /// Offers the oldest connection waiting for room again once its time
+    /// has come; the others wait for its answer.
+    fn retry_full(&mut self, now: Instant, period: Duration) {
+        if self.retry_at.is_some_and(|t| t <= now) {
+            if let Some(mut conn) = self.full.pop_front() {
+                // Offered to every worker again: one may have room by now.
+                conn.declined_by.clear();
+                self.pending.push_front(conn);
+            }
+            self.retry_at = (!self.full.is_empty()).then(|| now + period);
+        }
+    }
+
+    /// Every member declined `conn`: it waits for room, behind the others
+    /// (as under node:cluster, where it goes to the back of the queue).
+    fn wait_for_room(&mut self, conn: Conn, now: Instant, period: Duration) {
+        self.full.push_back(conn);
+        self.retry_at.get_or_insert(now + period);
     }
 
     /// `channel` no longer takes connections here (see also `forget`).
@@ -437,6 +486,8 @@ struct Loop {
     commands: mpsc::Receiver<Command>,
     window: usize,
     quiet: Duration,
+    /// `ROOM_RETRY`, but for tests.
+    room_retry: Duration,
     listeners: HashMap<u32, Listener>,
     channels: HashMap<u32, Channel>,
     /// The next connection's sequence number: 31 bits, wrapping to 0, since
@@ -453,6 +504,7 @@ impl Loop {
             commands,
             window: window.max(1),
             quiet,
+            room_retry: ROOM_RETRY,
             listeners: HashMap::new(),
             channels: HashMap::new(),
             next_seq: first_seq & !DIRECT,
@@ -539,8 +591,13 @@ impl Loop {
         }
         let now = Instant::now();
         let starved = self.starved.then_some(STARVED_WAIT);
-        let retry =
-            self.channels.values().filter_map(|c| c.paused_until).min().map(|t| t.saturating_duration_since(now));
+        let retry = self
+            .channels
+            .values()
+            .filter_map(|c| c.paused_until)
+            .chain(self.listeners.values().filter_map(|l| l.retry_at))
+            .min()
+            .map(|t| t.saturating_duration_since(now));
         let wait = starved.into_iter().chain(retry).min();
         // In whole milliseconds, rounded up: rounded down, the wait for a
         // pause that ends in less than one would spin until it ends.
@@ -614,6 +671,8 @@ impl Loop {
                         cursor: 0,
                         last_accept: None,
                         pending: VecDeque::new(),
+                        full: VecDeque::new(),
+                        retry_at: None,
                         ledger,
                     },
                 );
@@ -655,6 +714,8 @@ impl Loop {
                 let _ = reply.send(all);
             }
             #[cfg(test)]
+            Command::RoomRetry(period) => self.room_retry = period,
+            #[cfg(test)]
             Command::FailSends { id, errnos } => {
                 if let Some(c) = self.channels.get_mut(&id) {
                     c.faults.get_mut().extend(errnos);
@@ -693,8 +754,11 @@ impl Loop {
     /// Assigns waiting connections to workers with room: round-robin, except
     /// that a worker passed over while its window was full is preferred until
     /// it has been offered as many as the others. A connection every attached
-    /// worker has declined is closed.
+    /// worker has declined waits for room (`Listener::full`).
     fn dispatch(&mut self) {
+        let now = Instant::now();
+        let period = self.room_retry;
+        self.listeners.values_mut().for_each(|l| l.retry_full(now, period));
         let ids: Vec<u32> = self.listeners.iter().filter(|(_, l)| !l.pending.is_empty()).map(|(&id, _)| id).collect();
         let limit = self.window as u64 * CATCH_UP_WINDOWS;
         for id in ids {
@@ -706,7 +770,9 @@ impl Loop {
                 let Some(conn) = l.pending.get(at) else { break };
                 let n = l.members.len();
                 if n > 0 && l.members.iter().all(|m| conn.declined_by.contains(m)) {
-                    self.listeners.get_mut(&id).unwrap().pending.remove(at); // closed
+                    let l = self.listeners.get_mut(&id).unwrap();
+                    let conn = l.pending.remove(at).unwrap();
+                    l.wait_for_room(conn, now, period);
                     continue;
                 }
                 let pick = (0..n)
@@ -804,9 +870,12 @@ impl Loop {
         let Some(c) = self.channels.get_mut(&id) else { return };
         match record {
             Record::Ack { seq, accepted: true } => {
-                if c.held.remove(&seq).is_some() {
+                if let Some(conn) = c.held.remove(&seq) {
                     c.stats.accepted += 1;
                     self.starved = false;
+                    if let Some(l) = self.listeners.get_mut(&conn.listener) {
+                        l.room_found(Some(id));
+                    }
                 }
             }
             Record::Ack { seq, accepted: false } => {
@@ -842,6 +911,7 @@ impl Loop {
         }
         if let Some(l) = self.listeners.get_mut(&listener) {
             l.attach(channel);
+            l.room_found(None);
             if l.leased() {
                 // Without a slot or descriptors for it, the worker
                 // still hears, and still gets what others return.
@@ -1136,7 +1206,7 @@ mod tests {
     use crate::worker_channel::WorkerChannel;
     use std::cell::RefCell;
     use std::io::{Read, Write};
-    use std::net::{Ipv4Addr, TcpStream};
+    use std::net::{Ipv4Addr, SocketAddr, TcpStream};
     use std::os::fd::FromRawFd;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -1559,7 +1629,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_every_worker_declined_is_closed() {
+    fn a_connection_every_worker_declined_waits_for_room_and_is_offered_again() {
         let (d, l, port) = setup(4);
         let (a, b) = (worker(&d, l), worker(&d, l));
         let mut client = connect(port);
@@ -1567,9 +1637,53 @@ mod tests {
         let (first, other) = if i == 0 { (&a, &b) } else { (&b, &a) };
         first.channel.settle(&[], &[seq]).unwrap();
         other.decline();
-        let mut buf = [0u8; 1];
-        assert_eq!(client.read(&mut buf).unwrap(), 0, "expected the connection to be closed");
-        wait_for(|| d.stats().iter().map(|s| s.declined).sum::<u64>() == 2);
+        // Both are full: it waits, and is offered again.
+        let (j, (seq, fd)) = offered(&[&a, &b]);
+        [&a, &b][j].channel.settle(&[seq], &[]).unwrap();
+        // SAFETY: settled as accepted, so the fd is ours.
+        let mut server = unsafe { TcpStream::from_raw_fd(fd) };
+        assert_connected(&mut client, &mut server);
+    }
+
+    /// The client ends' addresses of `clients` or of `servers`, sorted.
+    fn clients_of(clients: &[TcpStream], servers: &[TcpStream]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        let mut a: Vec<_> = clients.iter().map(|s| s.local_addr().unwrap()).collect();
+        let mut b: Vec<_> = servers.iter().map(|s| s.peer_addr().unwrap()).collect();
+        a.sort();
+        b.sort();
+        (a, b)
+    }
+
+    /// Two connections that a worker at its limit declined, waiting for
+    /// room with no retry in the test's time.
+    fn two_waiting_for_room(d: &Dispatcher, l: u32, port: u16) -> (Worker, Vec<TcpStream>) {
+        d.send(Command::RoomRetry(Duration::from_secs(3600)));
+        let w = worker(d, l);
+        let clients: Vec<TcpStream> = (0..2).map(|_| connect(port)).collect();
+        w.decline();
+        w.decline();
+        wait_for(|| d.stats()[0].declined == 2);
+        (w, clients)
+    }
+
+    #[test]
+    fn when_a_worker_takes_a_connection_those_waiting_for_room_are_offered_again() {
+        let (d, l, port) = setup(8);
+        let (w, waiting) = two_waiting_for_room(&d, l, port);
+        // The next connection finds room, and so do the two before it.
+        let last = connect(port);
+        assert_eq!(w.accept().peer_addr().unwrap(), last.local_addr().unwrap());
+        let (waited, served) = clients_of(&waiting, &[w.accept(), w.accept()]);
+        assert_eq!(served, waited);
+    }
+
+    #[test]
+    fn a_worker_that_joins_is_offered_what_waits_for_room() {
+        let (d, l, port) = setup(8);
+        let (_full, waiting) = two_waiting_for_room(&d, l, port);
+        let joined = worker(&d, l);
+        let (waited, served) = clients_of(&waiting, &[joined.accept(), joined.accept()]);
+        assert_eq!(served, waited);
     }
 
     #[test]
