@@ -55,11 +55,11 @@ const CATCH_UP_WINDOWS: u64 = 16;
 
 /// How often one of the connections that every worker declined is offered
 /// again while they wait for room (`Listener::full`). node:cluster's primary
-/// offers such a connection around again at once, a message after message
-/// for as long as every worker is full; one offer per listener every 5 ms
-/// finds the room as well, and when a worker takes it the others follow at
-/// once.
-const ROOM_RETRY: Duration = Duration::from_millis(5);
+/// offers such a connection around again at once, message after message,
+/// for as long as every worker is full; one offer per listener every 2 ms
+/// finds the room as well. A worker that takes one is offered the next at
+/// once, and so on, while it has room.
+const ROOM_RETRY: Duration = Duration::from_millis(2);
 
 /// How long to stop accepting after running out of descriptors (EMFILE and
 /// kin) when no acknowledgement frees one first.
@@ -263,8 +263,8 @@ struct Listener {
     /// Accepted connections that no worker could take yet.
     pending: VecDeque<Conn>,
     /// Connections that every member declined, oldest first: they wait for
-    /// a worker to have room. One goes back to `pending` at `retry_at`;
-    /// all do once a worker accepts one or a new worker joins.
+    /// a worker to have room. One goes back to `pending` at `retry_at`, one
+    /// more each time a worker takes one, and all when a worker joins.
     full: VecDeque<Conn>,
     retry_at: Option<Instant>,
     /// Under the ledger: workers accept themselves.
@@ -336,16 +336,22 @@ impl Listener {
         }
     }
 
-    /// Offers every connection waiting for room again: a worker (`taker`)
-    /// has room now, or a new one joined.
+    /// A worker has room now: `Some(taker)`, which just took a connection,
+    /// is offered the oldest connection waiting for room, and the next when
+    /// it takes that one (the others that declined it are still full, as far
+    /// as we know); `None`, a worker that joined, is offered all of them.
     fn room_found(&mut self, taker: Option<u32>) {
-        while let Some(mut conn) = self.full.pop_back() {
-            // Those that declined it are still full, as far as we know; a
-            // worker that took one just now is not.
-            conn.declined_by.retain(|&c| Some(c) != taker);
+        let Some(taker) = taker else {
+            while let Some(conn) = self.full.pop_back() {
+                self.pending.push_front(conn);
+            }
+            self.retry_at = None;
+            return;
+        };
+        if let Some(mut conn) = self.full.pop_front() {
+            conn.declined_by.retain(|&c| c != taker);
             self.pending.push_front(conn);
         }
-        self.retry_at = None;
     }
 
     /// Offers the oldest connection waiting for room again once its time
