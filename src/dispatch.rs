@@ -499,8 +499,9 @@ struct Loop {
     /// The next connection's sequence number: 31 bits, wrapping to 0, since
     /// a worker takes one with `DIRECT` set for a connection it accepted.
     next_seq: u32,
-    /// Out of descriptors (EMFILE and kin): stop accepting until one is freed.
-    starved: bool,
+    /// Out of descriptors (EMFILE and kin): no accepting until then, or
+    /// until an acknowledgement frees one.
+    starved_until: Option<Instant>,
 }
 
 impl Loop {
@@ -514,7 +515,7 @@ impl Loop {
             listeners: HashMap::new(),
             channels: HashMap::new(),
             next_seq: first_seq & !DIRECT,
-            starved: false,
+            starved_until: None,
         }
     }
 
@@ -575,7 +576,7 @@ impl Loop {
     fn wait(&mut self) -> Result<Vec<(Token, PollFlags)>, Errno> {
         let mut tokens = vec![Token::Wake];
         let mut fds = vec![PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
-        if !self.starved {
+        if self.starved_until.is_none() {
             for (&id, l) in &self.listeners {
                 // After `dispatch`, what still waits with room left is for
                 // busy workers only: accepting more is for the others.
@@ -595,27 +596,24 @@ impl Loop {
             tokens.push(Token::Channel(id));
             fds.push(PollFd::new(c.fd.as_fd(), events));
         }
+        // Until the first of the times something is due: the end of a wait
+        // for descriptors or of a pause, a retry for room.
         let now = Instant::now();
-        let starved = self.starved.then_some(STARVED_WAIT);
-        let retry = self
+        let due = self
             .channels
             .values()
             .filter_map(|c| c.paused_until)
             .chain(self.listeners.values().filter_map(|l| l.retry_at))
+            .chain(self.starved_until)
             .min()
             .map(|t| t.saturating_duration_since(now));
-        let wait = starved.into_iter().chain(retry).min();
         // In whole milliseconds, rounded up: rounded down, the wait for a
         // pause that ends in less than one would spin until it ends.
-        let timeout = match wait {
+        let timeout = match due {
             Some(wait) => PollTimeout::from(wait.as_nanos().div_ceil(1_000_000).min(u16::MAX as u128) as u16),
             None => PollTimeout::NONE,
         };
-        let n = nix::poll::poll(&mut fds, timeout)?;
-        // Only when it was the wait for descriptors that ran out, not a pause.
-        if n == 0 && starved.is_some() && starved == wait {
-            self.starved = false;
-        }
+        nix::poll::poll(&mut fds, timeout)?;
         let ready = tokens
             .into_iter()
             .zip(fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())))
@@ -625,8 +623,11 @@ impl Loop {
         Ok(ready)
     }
 
-    /// Ends the pauses that are over by `now`.
+    /// Ends the pauses (and the wait for descriptors) that are over by `now`.
     fn resume(&mut self, now: Instant) {
+        if self.starved_until.is_some_and(|t| t <= now) {
+            self.starved_until = None;
+        }
         for c in self.channels.values_mut() {
             if c.paused_until.is_some_and(|t| t <= now) {
                 c.paused_until = None;
@@ -694,7 +695,7 @@ impl Loop {
                         let _ = nix::sys::socket::shutdown(l.socket.fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
                     }
                 }
-                self.starved = false;
+                self.starved_until = None;
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
@@ -748,7 +749,7 @@ impl Loop {
                 Err(e) => match sys::accept_failure(e.errno) {
                     AcceptFailure::Skip => continue,
                     AcceptFailure::Starved => {
-                        self.starved = true;
+                        self.starved_until = Some(Instant::now() + STARVED_WAIT);
                         break;
                     }
                     AcceptFailure::Done => break,
@@ -878,7 +879,7 @@ impl Loop {
             Record::Ack { seq, accepted: true } => {
                 if let Some(conn) = c.held.remove(&seq) {
                     c.stats.accepted += 1;
-                    self.starved = false;
+                    self.starved_until = None;
                     if let Some(l) = self.listeners.get_mut(&conn.listener) {
                         l.room_found(Some(id));
                     }
@@ -1144,62 +1145,51 @@ fn flush_channel(c: &mut Channel) {
     if c.broken || c.paused_until.is_some() {
         return;
     }
-    // A lease is sent whole, before anything else: the tail is empty here.
-    while c.tail.is_empty() && !c.leases.is_empty() {
-        let (record, fds) = &c.leases[0];
-        let mut bytes = Vec::with_capacity(RECORD_LEN);
-        record.encode(&mut bytes);
-        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        match c.send(&bytes, &raw) {
-            Ok(n) => {
-                c.sent();
+    loop {
+        let sent = if !c.tail.is_empty() {
+            // What is left of a short write goes first: the worker reads it
+            // as the rest of a record.
+            c.send(&c.tail, &[]).map(|n| {
+                c.tail.drain(..n);
+            })
+        } else if !c.leases.is_empty() {
+            // Then a lease, whole, before any connection (its tail, if
+            // any, goes out next).
+            let (record, fds) = &c.leases[0];
+            let mut bytes = Vec::with_capacity(RECORD_LEN);
+            record.encode(&mut bytes);
+            let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            c.send(&bytes, &raw).map(|n| {
                 c.tail.extend_from_slice(&bytes[n..]);
                 c.leases.remove(0);
+            })
+        } else if !c.queued.is_empty() {
+            let count = c.queued.len().min(MAX_FDS_PER_MSG);
+            let mut bytes = Vec::with_capacity(count * RECORD_LEN);
+            let mut fds = Vec::with_capacity(count);
+            for seq in &c.queued[..count] {
+                // Only a forged ack can settle a connection before it was sent;
+                // it is gone from `held` then, and there is nothing to send.
+                let Some(conn) = c.held.get(seq) else { continue };
+                Record::Conn { listener: conn.listener, seq: *seq }.encode(&mut bytes);
+                fds.push(conn.fd.as_raw_fd());
             }
-            Err(e) if c.failed(e.errno) => continue,
-            Err(_) => return,
-        }
-    }
-    while !c.tail.is_empty() {
-        match c.send(&c.tail, &[]) {
-            Ok(n) => {
-                c.sent();
-                c.tail.drain(..n);
-                if !c.tail.is_empty() {
-                    return;
-                }
+            if fds.is_empty() {
+                c.queued.drain(..count);
+                continue;
             }
-            Err(e) if c.failed(e.errno) => continue,
-            Err(_) => return,
-        }
-    }
-    while !c.queued.is_empty() {
-        let count = c.queued.len().min(MAX_FDS_PER_MSG);
-        let mut bytes = Vec::with_capacity(count * RECORD_LEN);
-        let mut fds = Vec::with_capacity(count);
-        for seq in &c.queued[..count] {
-            // Only a forged ack can settle a connection before it was sent;
-            // it is gone from `held` then, and there is nothing to send.
-            let Some(conn) = c.held.get(seq) else { continue };
-            Record::Conn { listener: conn.listener, seq: *seq }.encode(&mut bytes);
-            fds.push(conn.fd.as_raw_fd());
-        }
-        if fds.is_empty() {
-            c.queued.drain(..count);
-            continue;
-        }
-        match c.send(&bytes, &fds) {
-            Ok(n) => {
-                c.sent();
+            // Nothing of a failed send went out: the batch stays queued.
+            c.send(&bytes, &fds).map(|n| {
                 c.queued.drain(..count);
                 c.stats.handed += fds.len() as u64;
-                if n < bytes.len() {
-                    c.tail.extend_from_slice(&bytes[n..]);
-                    return;
-                }
-            }
-            // Nothing of a failed send went out: the batch is still queued.
-            Err(e) if c.failed(e.errno) => continue,
+                c.tail.extend_from_slice(&bytes[n..]);
+            })
+        } else {
+            return;
+        };
+        match sent {
+            Ok(()) => c.sent(),
+            Err(e) if c.failed(e.errno) => {}
             Err(_) => return,
         }
     }
@@ -1950,6 +1940,42 @@ mod tests {
             matches!(got[..], [(Record::NoLease { listener: 1 }, 0), (Record::Conn { listener: 1, .. }, 1)]),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn a_lease_queued_behind_a_short_write_goes_before_the_connections() {
+        let (mut lp, workers, port) = bare_workers(1);
+        let c = lp.channels.get_mut(&10).unwrap();
+        // A whole record stands in for what a short write left.
+        Record::NoLease { listener: 1 }.encode(&mut c.tail);
+        c.leases.push((Record::NoLease { listener: 2 }, Vec::new()));
+        let _client = connect(port);
+        accept_one(&mut lp, 1);
+        lp.hand_out();
+        let got = records(&workers[0]);
+        assert!(
+            matches!(
+                got[..],
+                [
+                    (Record::NoLease { listener: 1 }, 0),
+                    (Record::NoLease { listener: 2 }, 0),
+                    (Record::Conn { listener: 1, .. }, 1)
+                ]
+            ),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn the_wait_for_descriptors_ends_on_time_however_often_the_loop_wakes() {
+        // The bare loop's wake-up socket is always ready, as a loop woken
+        // again and again (by acks, pauses, retries) would be.
+        let (mut lp, _workers, _port) = bare_workers(1);
+        lp.starved_until = Some(Instant::now() + Duration::from_millis(30));
+        wait_for(|| {
+            lp.wait().unwrap();
+            lp.starved_until.is_none()
+        });
     }
 
     #[test]
