@@ -1496,6 +1496,16 @@ mod tests {
         Loop::new(wake, commands, window, Duration::MAX, 0)
     }
 
+    /// A bare loop whose listener 1 is under the ledger.
+    #[cfg(target_os = "linux")]
+    fn bare_ledger_loop() -> Loop {
+        let mut lp = bare_loop(4);
+        let (listening, _) = loopback_listener();
+        let ledger = ledger_share::ListenerLedger::create().unwrap();
+        lp.apply(Command::AddListener { id: 1, listening, ledger: Some(ledger) });
+        lp
+    }
+
     /// A worker on channel `id` of `lp`, attached to `listener`.
     fn bare_worker(lp: &mut Loop, id: u32, listener: u32) -> WorkerChannel {
         let (primary_end, worker_end) = sys::stream_pair().unwrap();
@@ -1591,10 +1601,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_worker_that_closes_its_server_and_listens_again_gets_a_lease_again() {
-        let mut lp = bare_loop(4);
-        let (listening, _port) = loopback_listener();
-        let ledger = ledger_share::ListenerLedger::create().unwrap();
-        lp.apply(Command::AddListener { id: 1, listening, ledger: Some(ledger) });
+        let mut lp = bare_ledger_loop();
         let (primary_end, worker_end) = sys::stream_pair().unwrap();
         lp.apply(Command::AddChannel { id: 10, fd: primary_end });
         let worker = WorkerChannel::new(worker_end).unwrap();
@@ -1894,10 +1901,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_lease_that_meets_pressure_goes_whole_after_the_pause_before_any_connection() {
-        let mut lp = bare_loop(4);
-        let (listening, _) = loopback_listener();
-        let ledger = ledger_share::ListenerLedger::create().unwrap();
-        lp.apply(Command::AddListener { id: 1, listening, ledger: Some(ledger) });
+        let mut lp = bare_ledger_loop();
         // The worker also serves listener 2, where this thread accepts for it.
         let (listening, port) = loopback_listener();
         lp.apply(Command::AddListener { id: 2, listening, ledger: None });
@@ -2001,13 +2005,19 @@ mod tests {
         assert_eq!(c.stats.pauses, 10);
     }
 
-    #[test]
-    fn an_interrupted_send_is_made_again_at_once() {
+    /// A connection handed to a lone worker whose next sends meet `errnos`.
+    fn handed_meeting(errnos: Vec<Errno>) -> (Loop, Vec<WorkerChannel>, TcpStream) {
         let (mut lp, workers, port) = bare_workers(1);
-        lp.apply(Command::FailSends { id: 10, errnos: vec![Errno::EINTR] });
-        let _client = connect(port);
+        lp.apply(Command::FailSends { id: 10, errnos });
+        let client = connect(port);
         accept_one(&mut lp, 1);
         lp.hand_out();
+        (lp, workers, client)
+    }
+
+    #[test]
+    fn an_interrupted_send_is_made_again_at_once() {
+        let (lp, workers, _client) = handed_meeting(vec![Errno::EINTR]);
         let got = records(&workers[0]);
         assert!(matches!(got[..], [(Record::Conn { listener: 1, .. }, 1)]), "{got:?}");
         assert_eq!(lp.channels[&10].stats.pauses, 0);
@@ -2015,11 +2025,7 @@ mod tests {
 
     #[test]
     fn a_broken_pipe_still_ends_the_channel() {
-        let (mut lp, _workers, port) = bare_workers(1);
-        lp.apply(Command::FailSends { id: 10, errnos: vec![Errno::EPIPE] });
-        let _client = connect(port);
-        accept_one(&mut lp, 1);
-        lp.hand_out();
+        let (lp, _workers, _client) = handed_meeting(vec![Errno::EPIPE]);
         assert!(!lp.channels.contains_key(&10));
         assert!(lp.listeners[&1].members.is_empty());
         assert_eq!(lp.listeners[&1].pending.len(), 1, "what it held waits for another worker");
