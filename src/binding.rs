@@ -343,24 +343,22 @@ mod uv {
     pub type CloseCb = extern "C" fn(handle: *mut c_void);
 }
 
-/// A zeroed, unreferenced `uv_poll_t` of `uv_loop` watching `fd`, its `data`
-/// set; or a negative errno. The caller owns the allocation.
-fn new_poll(
-    uv_loop: *mut std::ffi::c_void,
-    fd: i32,
+/// A zeroed, initialised, unreferenced libuv handle of `kind` (`init` is
+/// its `uv_*_init` on this thread's loop), its `data` set; or a negative
+/// errno. The caller owns the allocation.
+fn new_handle(
+    kind: std::ffi::c_int,
+    init: impl FnOnce(*mut std::ffi::c_void) -> std::ffi::c_int,
     data: *mut std::ffi::c_void,
-    cb: uv::PollCb,
 ) -> std::result::Result<*mut std::ffi::c_void, i32> {
     // SAFETY: uv_handle_size only reads a constant table.
-    let size = unsafe { uv::uv_handle_size(uv::UV_POLL) };
+    let size = unsafe { uv::uv_handle_size(kind) };
     // SAFETY: a zeroed allocation of the size libuv asks for.
     let handle = unsafe { libc::calloc(1, size) };
     if handle.is_null() {
         return Err(-libc::ENOMEM);
     }
-    // SAFETY: `handle` is writable memory of the right size and `uv_loop`
-    // is this thread's running loop, from napi_get_uv_event_loop.
-    let rc = unsafe { uv::uv_poll_init(uv_loop, handle, fd) };
+    let rc = init(handle);
     if rc != 0 {
         // SAFETY: not registered with the loop (init failed); ours to free.
         unsafe { libc::free(handle) };
@@ -368,10 +366,24 @@ fn new_poll(
     }
     // SAFETY: the handle was just initialised; its first field is `void* data`.
     unsafe { *handle.cast::<*mut std::ffi::c_void>() = data };
-    // SAFETY: the handle is initialised; the callback matches uv_poll_cb.
-    let rc = unsafe { uv::uv_poll_start(handle, uv::UV_READABLE, cb) };
     // SAFETY: an initialised handle; unref so that it alone never keeps a worker alive.
     unsafe { uv::uv_unref(handle) };
+    Ok(handle)
+}
+
+/// A started `uv_poll_t` of `uv_loop` watching `fd` for reading (see
+/// `new_handle`).
+fn new_poll(
+    uv_loop: *mut std::ffi::c_void,
+    fd: i32,
+    data: *mut std::ffi::c_void,
+    cb: uv::PollCb,
+) -> std::result::Result<*mut std::ffi::c_void, i32> {
+    // SAFETY: `handle` is writable memory of the right size and `uv_loop`
+    // is this thread's running loop, from napi_get_uv_event_loop.
+    let handle = new_handle(uv::UV_POLL, |handle| unsafe { uv::uv_poll_init(uv_loop, handle, fd) }, data)?;
+    // SAFETY: the handle is initialised; the callback matches uv_poll_cb.
+    let rc = unsafe { uv::uv_poll_start(handle, uv::UV_READABLE, cb) };
     if rc != 0 {
         return Err(rc);
     }
@@ -482,24 +494,15 @@ impl LoopReceiver {
     fn start_pause(&self) {
         let mut timer = self.pause.get();
         if timer.is_null() {
-            // SAFETY: uv_handle_size only reads a constant table.
-            let size = unsafe { uv::uv_handle_size(uv::UV_TIMER) };
-            // SAFETY: a zeroed allocation of the size libuv asks for.
-            timer = unsafe { libc::calloc(1, size) };
-            if timer.is_null() {
+            let data = (self as *const LoopReceiver).cast_mut().cast();
+            // SAFETY: `timer` is writable memory of the right size and
+            // `uv_loop` this thread's running loop. The receiver its `data`
+            // points to lives for the rest of the process.
+            let Ok(made) = new_handle(uv::UV_TIMER, |timer| unsafe { uv::uv_timer_init(self.uv_loop, timer) }, data)
+            else {
                 return;
-            }
-            // SAFETY: writable memory of the right size; this thread's loop.
-            if unsafe { uv::uv_timer_init(self.uv_loop, timer) } != 0 {
-                // SAFETY: not registered with the loop; ours to free.
-                unsafe { libc::free(timer) };
-                return;
-            }
-            // SAFETY: an initialised handle; its first field is `void* data`.
-            // The receiver lives for the rest of the process.
-            unsafe { *timer.cast::<*const LoopReceiver>() = self };
-            // SAFETY: an initialised handle; a pause alone keeps no worker alive.
-            unsafe { uv::uv_unref(timer) };
+            };
+            timer = made;
             self.pause.set(timer);
         }
         let ms = PRESSURE_PAUSE.as_millis() as u64;
