@@ -1,11 +1,22 @@
 //! A worker's own accept on a listener shared under the ledger (Linux).
 //!
-//! The worker's event loop watches one epoll descriptor per listener (see
-//! `binding`), which holds three edge-triggered sources: the listening socket
-//! (a connection arrived), the listener's progress eventfd (a worker the
-//! others were waiting for accepted), and a timer (a wait is long enough to
-//! excuse whoever causes it, or a turn was cut short). Each wake-up accepts
-//! what the ledger allows, until the queue is empty.
+//! The worker's event loop watches one of two descriptors per listener (see
+//! `binding`), as `waiting` says:
+//!
+//! - While the worker may accept, the listening socket itself,
+//!   level-triggered: each turn of the loop that finds connections queued
+//!   accepts at most `per_turn` of them (one, in a worker), as libuv accepts
+//!   for a server of its own. Taking a whole queue per wake-up, from behind
+//!   an epoll of our own, cost two workers about 10% of their throughput
+//!   against node:cluster's `SCHED_NONE` on a host where wake-ups are dear
+//!   (see bench/README.md).
+//! - While the ledger makes it wait (its turn, its share, a busy worker, no
+//!   descriptors left), the acceptor's epoll, which holds three
+//!   edge-triggered sources: the listening socket (a connection arrived),
+//!   the listener's progress eventfd (a worker the others were waiting for
+//!   accepted), and a timer (a wait is long enough to excuse whoever causes
+//!   it, or a turn or a grace is over). The socket is not watched
+//!   level-triggered then, or the loop would spin.
 //!
 //! How strictly a worker keeps to its turn depends on the busy spell (see
 //! `ledger`). While the spell is young (a client that connects one at a
@@ -50,9 +61,9 @@ const LAG_PERCENT: u64 = 4;
 const GRACE: Duration = Duration::from_millis(5);
 /// Out of descriptors: how long before trying to accept again.
 const STARVED_RETRY: Duration = Duration::from_millis(100);
-/// Most connections accepted in one wake-up; the rest wait for the next turn
-/// of the loop, so other I/O is not starved by a deep queue.
-const MAX_PER_TURN: usize = 128;
+/// Accepts that fail for a connection's own sake (it was reset while
+/// queued) skipped in one wake-up: as many as this is the socket failing.
+const MAX_SKIPPED: usize = 128;
 
 const SOCKET: u64 = 0;
 const PROGRESS: u64 = 1;
@@ -74,9 +85,12 @@ pub struct Acceptor {
     turn_timer: bool,
     /// How many CPUs this process may run on.
     cpus: usize,
-    /// Set when this worker took its share of a queue and left the rest.
+    /// Set when this worker took its share of a queue and left the rest
+    /// (see `Grace`), until the queue is empty.
     grace: Option<Grace>,
     starved_until: Option<Instant>,
+    /// Most connections accepted per wake-up.
+    per_turn: usize,
     /// The busy spell (`Table::spell`) this worker last saw, and its count
     /// when it first saw it: `lag` grows with what it accepted since.
     spell: u64,
@@ -85,17 +99,27 @@ pub struct Acceptor {
 
 /// A worker that took its share of a queue leaves the rest to the others
 /// while they take from it: until `until`, and only as long as the queue is
-/// shorter at each look than at the one before. A queue that did not shrink
-/// means the others are busy, and this worker goes on, up to its lag.
-struct Grace {
-    until: Instant,
-    queue: u32,
+/// shorter at each look than at the one before (`Leaving`). A queue that did
+/// not shrink means the others are busy, and this worker goes on, up to its
+/// lag, until the queue is empty (`Over`): over several turns of the loop,
+/// as it takes `per_turn` at a time.
+enum Grace {
+    Leaving { until: Instant, queue: u32 },
+    Over,
 }
 
 impl Acceptor {
     /// `socket`, `table` and `progress` are the descriptors of a lease; the
-    /// table's descriptor is only needed to map it.
-    pub fn new(socket: OwnedFd, table: OwnedFd, progress: OwnedFd, slot: usize, lag: u64) -> SysResult<Acceptor> {
+    /// table's descriptor is only needed to map it. A wake-up accepts at most
+    /// `per_turn` connections.
+    pub fn new(
+        socket: OwnedFd,
+        table: OwnedFd,
+        progress: OwnedFd,
+        slot: usize,
+        lag: u64,
+        per_turn: usize,
+    ) -> SysResult<Acceptor> {
         let table = SharedTable::map(&table)?;
         let timer = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC)
             .syscall("timerfd_create")?;
@@ -120,19 +144,51 @@ impl Acceptor {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             grace: None,
             starved_until: None,
+            per_turn: per_turn.max(1),
             spell,
             spell_start,
         })
     }
 
-    /// The descriptor the event loop polls.
-    pub fn poll_fd(&self) -> RawFd {
+    /// The listening socket, for the event loop to poll (level-triggered)
+    /// while the worker is not `waiting`; None once it left.
+    pub fn socket_fd(&self) -> Option<RawFd> {
+        self.socket.as_ref().map(|s| s.as_raw_fd())
+    }
+
+    /// The acceptor's epoll, for the event loop to poll while the worker is
+    /// `waiting`.
+    pub fn events_fd(&self) -> RawFd {
         self.epoll.0.as_raw_fd()
+    }
+
+    /// Whether the worker waits, by the ledger's rules, with connections
+    /// queued: the event loop then polls `events_fd`, not the socket.
+    pub fn waiting(&self) -> bool {
+        self.waiting_since.is_some()
+            || matches!(self.grace, Some(Grace::Leaving { .. }))
+            || self.starved_until.is_some()
+    }
+
+    /// Called on each turn of the worker's loop, before it polls: a worker
+    /// the others excused while its loop was stuck rejoins as soon as the
+    /// loop runs again (see `ledger`), not at the next connection that the
+    /// others may take first, unseen by it. A load and a branch when it
+    /// was not excused.
+    pub fn on_loop_turn(&self) {
+        if self.socket.is_some() {
+            self.table.rejoin(self.slot);
+        }
     }
 
     /// Handles a wake-up: accepts what the ledger allows into `out`.
     pub fn run(&mut self, out: &mut Vec<OwnedFd>) {
-        self.drain_events();
+        // Woken through our epoll, which reports edges: consume them. (While
+        // the socket itself is polled, the epoll's reports only pile up,
+        // and are consumed here on the first look of the next wait.)
+        if self.waiting() {
+            self.drain_events();
+        }
         if self.socket.is_none() {
             return;
         }
@@ -162,10 +218,12 @@ impl Acceptor {
             // Only asked when it matters: when this worker is not the one
             // whose turn it is.
             let loose = strict == 0 && self.loose_turns();
+            // The queue's length, when this pass needed it.
+            let queue = if strict > 0 { None } else { self.pending() };
             let (allowed, queued) = if strict > 0 {
                 (strict, false)
             } else {
-                match self.pending() {
+                match queue {
                     // Nothing to wait for: the next arrival wakes us.
                     Some(0) => {
                         self.table.note_empty();
@@ -201,30 +259,41 @@ impl Acceptor {
                             // is the excuse timer; nothing else re-arms it.)
                             self.stop_waiting();
                             let queue = queue.unwrap_or(0);
+                            if queue > 0 {
+                                self.table.note_backlog();
+                            }
                             match self.grace {
                                 None => {
-                                    self.grace = Some(Grace { until: now + GRACE, queue });
+                                    self.begin_wait();
+                                    self.grace = Some(Grace::Leaving { until: now + GRACE, queue });
                                     self.arm(GRACE);
                                     return;
                                 }
-                                Some(Grace { until, queue: before }) if now < until && queue < before => {
-                                    self.grace = Some(Grace { until, queue });
+                                Some(Grace::Leaving { until, queue: before }) if now < until && queue < before => {
+                                    self.grace = Some(Grace::Leaving { until, queue });
                                     return;
                                 }
                                 // The others took nothing since we last
                                 // looked (they are busy), or the grace is over.
-                                Some(_) => (ahead, true),
+                                Some(_) => {
+                                    self.grace = Some(Grace::Over);
+                                    (ahead, true)
+                                }
                             }
                         }
                     }
                 }
             };
             if allowed == 0 {
+                if queue.is_some_and(|q| q > 0) {
+                    self.table.note_backlog();
+                }
                 match self.waiting_since {
                     None => {
                         // Announce the wait, then look again: whoever moves
                         // after this sees a waiter and signals. The timer
                         // wakes us to excuse whoever still holds us back.
+                        self.begin_wait();
                         self.waiting_since = Some(now);
                         self.table.add_waiter(self.slot);
                         // With turns kept loosely, a turn is waited for only
@@ -256,10 +325,10 @@ impl Acceptor {
             let mut got = 0u64;
             let mut empty = false;
             // Each skipped error took a connection off the queue; as many as
-            // a whole turn's worth is the socket failing, not its connections.
+            // MAX_SKIPPED is the socket failing, not its connections.
             let mut skipped = 0;
-            // At most MAX_PER_TURN in this wake-up, however far the lag goes.
-            let allowed = allowed.min((MAX_PER_TURN - taken) as u64);
+            // At most per_turn in this wake-up, however far the lag goes.
+            let allowed = allowed.min((self.per_turn - taken) as u64);
             while got < allowed {
                 match self.accept_one() {
                     Ok(fd) => {
@@ -267,11 +336,12 @@ impl Acceptor {
                         got += 1;
                     }
                     Err(errno) => match accept_failure(errno) {
-                        AcceptFailure::Skip if skipped < MAX_PER_TURN => {
+                        AcceptFailure::Skip if skipped < MAX_SKIPPED => {
                             skipped += 1;
                             continue;
                         }
                         AcceptFailure::Starved => {
+                            self.begin_wait();
                             self.starved_until = Some(now + STARVED_RETRY);
                             self.arm(STARVED_RETRY);
                             break;
@@ -286,21 +356,24 @@ impl Acceptor {
                     },
                 }
             }
+            taken += got as usize;
+            // A wake-up that stopped at its limit left connections waiting
+            // if the queue's length, when this pass looked at it, says so.
+            // Otherwise the loop wakes us for the rest at once, and a worker
+            // that leaves them waiting notes it then (`note_backlog`): the
+            // listener's quiet time (see `Table::quiet`) relies on it.
+            let capped = !empty && self.starved_until.is_none() && taken >= self.per_turn;
+            let left_waiting = !empty && (!capped || queue.is_some_and(|q| u64::from(q) > got));
             if got > 0 {
                 self.table.record(self.slot, got);
-                self.table.note_accept(clock, !empty);
+                self.table.note_accept(clock, left_waiting);
                 if self.table.waiters() > 0 {
                     self.signal();
                 }
             } else if empty {
                 self.table.note_empty();
             }
-            taken += got as usize;
-            if empty || self.starved_until.is_some() {
-                return;
-            }
-            if taken >= MAX_PER_TURN {
-                self.arm(Duration::from_nanos(1)); // the rest on the next turn
+            if empty || capped || self.starved_until.is_some() {
                 return;
             }
         }
@@ -317,6 +390,17 @@ impl Acceptor {
         self.stop_waiting();
         self.table.detach(self.slot);
         self.signal();
+    }
+
+    /// Called as a wait begins. While the worker accepted, the loop polled
+    /// the socket, and the arrivals it saw piled up in our epoll as edges:
+    /// consume them, so that the wait is woken by what comes after it, not
+    /// at once. (Everything after this point is looked at again, or wakes
+    /// us: see where it is called.)
+    fn begin_wait(&self) {
+        if !self.waiting() {
+            self.drain_events();
+        }
     }
 
     fn stop_waiting(&mut self) {
@@ -435,8 +519,12 @@ mod tests {
     use crate::ledger::shared::SharedTable;
     use crate::ledger::QUIET;
 
+    /// Most connections a test's acceptor takes per look: enough that one
+    /// look shows what the ledger's rules allow.
+    const BATCH: usize = 128;
+
     /// `n` workers' acceptors (slots 0, 1, ...; lag 8; as many CPUs as
-    /// workers) on one fresh listener.
+    /// workers; `BATCH` per look) on one fresh listener.
     fn workers(n: usize) -> (TcpListener, SharedTable, Vec<Acceptor>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -446,7 +534,7 @@ mod tests {
         let dup = |fd: &OwnedFd| fd.as_fd().try_clone_to_owned().unwrap();
         let acceptors = (0..n)
             .map(|slot| {
-                let mut acceptor = Acceptor::new(socket(), dup(&memfd), dup(&progress), slot, 8).unwrap();
+                let mut acceptor = Acceptor::new(socket(), dup(&memfd), dup(&progress), slot, 8, BATCH).unwrap();
                 acceptor.cpus = n;
                 acceptor
             })
@@ -526,15 +614,63 @@ mod tests {
     }
 
     #[test]
-    fn one_wake_up_accepts_at_most_max_per_turn() {
+    fn a_look_accepts_at_most_per_turn_and_leaves_the_rest_to_the_next_turn() {
         let (listener, table, mut a, _b) = two_busy_workers();
-        // SAFETY: listen() on a socket this test owns; room for 300.
-        unsafe { libc::listen(listener.as_raw_fd(), 1024) };
-        let _clients = connect(&listener, 300);
+        a.per_turn = 1;
+        let _clients = connect(&listener, 3);
         table.note_accept(monotonic_ns(), true); // still under load
         let mut got = Vec::new();
         a.run(&mut got);
-        assert_eq!(got.len(), super::MAX_PER_TURN, "the rest waits for the next turn");
+        assert_eq!(got.len(), 1, "one per turn of the loop: its turn");
+        assert!(!a.waiting(), "not waiting: the loop goes on polling the socket, which is still readable");
+        a.run(&mut got);
+        assert_eq!(got.len(), 2, "then one of the queue, taken at once in a settled spell");
+        assert!(!a.waiting());
+        let quiet = QUIET.as_nanos() as u64;
+        assert!(!table.quiet(monotonic_ns() + quiet, quiet), "it saw one left: a stall, not a quiet spell");
+        // The last is the other worker's turn: left to it for a moment, and
+        // the loop must stop polling the socket meanwhile.
+        a.run(&mut got);
+        assert_eq!(got.len(), 2);
+        assert!(a.waiting());
+        assert_eq!(table.accepted(0), 100_002);
+    }
+
+    #[test]
+    fn a_worker_excused_while_stuck_rejoins_on_its_loops_next_turn() {
+        let (listener, table, mut a, b) = two_fresh_workers();
+        // The second worker is stuck; the first waits for its turn, then
+        // excuses it.
+        table.record(0, 1);
+        let _clients = connect(&listener, 1);
+        let mut got = Vec::new();
+        a.run(&mut got);
+        assert!(a.waiting());
+        assert_eq!(table.excuse_laggards(0, false, 8), 1);
+        a.run(&mut got);
+        assert_eq!(got.len(), 1);
+        assert!(table.excused(1));
+        // Its loop runs again with nothing queued: it counts again at once,
+        // level with the other, before any connection could pass it by.
+        b.on_loop_turn();
+        assert!(!table.excused(1));
+        assert_eq!(table.accepted(1), table.accepted(0));
+    }
+
+    #[test]
+    fn a_look_that_takes_the_last_connection_at_its_limit_leaves_no_backlog() {
+        let (listener, table, mut acceptors) = workers(1);
+        let a = &mut acceptors[0];
+        a.per_turn = 1;
+        let _clients = connect(&listener, 1);
+        let mut got = Vec::new();
+        a.run(&mut got);
+        assert_eq!(got.len(), 1);
+        let quiet = QUIET.as_nanos() as u64;
+        assert!(
+            table.quiet(monotonic_ns() + quiet, quiet),
+            "it left nothing waiting, so a quiet time later the listener is quiet"
+        );
     }
 
     #[test]
@@ -572,11 +708,13 @@ mod tests {
         let mut got = Vec::new();
         a.run(&mut got);
         assert_eq!(got.len(), 0, "left to the worker whose turn it is");
+        assert!(a.waiting(), "waiting: the loop must not poll the socket, which stays readable");
         // That worker is busy and does not come: the short wait's timer
         // wakes this one, which takes the connection.
         wait_for_wakeup(&a);
         a.run(&mut got);
         assert_eq!(got.len(), 1);
+        assert!(!a.waiting());
         assert_eq!(table.accepted(0), 100_002);
         assert!(!table.excused(1), "taken before the wait would excuse the other worker");
     }
@@ -612,6 +750,7 @@ mod tests {
         let mut got = Vec::new();
         a.run(&mut got);
         assert_eq!(got.len(), 5);
+        assert!(a.waiting(), "leaving the rest to the others for a while");
         // The other worker took nothing since: it is busy, so this one goes
         // on, up to its lag of 8, rather than leave connections waiting.
         a.run(&mut got);

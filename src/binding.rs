@@ -317,11 +317,15 @@ mod uv {
     use std::ffi::{c_int, c_void};
 
     pub const UV_POLL: c_int = 8; // uv_handle_type
+    #[cfg(target_os = "linux")]
+    pub const UV_PREPARE: c_int = 9;
     pub const UV_TIMER: c_int = 13;
     pub const UV_READABLE: c_int = 1; // uv_poll_event
     pub const UV_WRITABLE: c_int = 2;
     pub type PollCb = extern "C" fn(handle: *mut c_void, status: c_int, events: c_int);
     pub type TimerCb = extern "C" fn(handle: *mut c_void);
+    #[cfg(target_os = "linux")]
+    pub type PrepareCb = extern "C" fn(handle: *mut c_void);
     pub type WalkCb = extern "C" fn(handle: *mut c_void, arg: *mut c_void);
 
     // libuv, exported by the node binary that loads this addon.
@@ -330,6 +334,10 @@ mod uv {
         pub fn uv_poll_init(uv_loop: *mut c_void, handle: *mut c_void, fd: c_int) -> c_int;
         pub fn uv_poll_start(handle: *mut c_void, events: c_int, cb: PollCb) -> c_int;
         pub fn uv_poll_stop(handle: *mut c_void) -> c_int;
+        #[cfg(target_os = "linux")]
+        pub fn uv_prepare_init(uv_loop: *mut c_void, handle: *mut c_void) -> c_int;
+        #[cfg(target_os = "linux")]
+        pub fn uv_prepare_start(handle: *mut c_void, cb: PrepareCb) -> c_int;
         pub fn uv_timer_init(uv_loop: *mut c_void, handle: *mut c_void) -> c_int;
         pub fn uv_timer_start(handle: *mut c_void, cb: TimerCb, timeout: u64, repeat: u64) -> c_int;
         pub fn uv_unref(handle: *mut c_void);
@@ -674,29 +682,42 @@ pub fn worker_gone(listener: u32) -> i32 {
     rc
 }
 
-/// Worker side of the ledger: one uv_poll per leased listener, on the
-/// acceptor's epoll descriptor, delivering through the channel's receiver.
+/// Worker side of the ledger: per leased listener, two uv_polls of which one
+/// runs at a time (see `acceptor`): on the listening socket while the worker
+/// may accept, on the acceptor's epoll while the ledger makes it wait. Both
+/// deliver through the channel's receiver.
 #[cfg(target_os = "linux")]
 mod direct {
     use std::cell::RefCell;
     use std::collections::HashMap;
     use std::ffi::{c_int, c_void};
 
-    use super::{new_poll, uv, LoopReceiver, RECEIVER};
+    use super::{new_handle, new_poll, uv, LoopReceiver, RECEIVER};
     use crate::acceptor::Acceptor;
     use crate::worker_channel::Grant;
 
     /// How far ahead of the least-served worker one may accept while
     /// connections queue, at least (`CLUSTER_RS_LAG`; see `Acceptor::lag`).
     const DEFAULT_LAG: u64 = 8;
+    /// Connections accepted per turn of the loop, as libuv accepts for a
+    /// server of its own.
+    const PER_TURN: usize = 1;
 
     struct Direct {
         listener: u32,
         acceptor: Acceptor,
+        /// The poll on the listening socket, and the one on the acceptor's
+        /// epoll; `waiting` says which of them runs.
+        socket_poll: *mut c_void,
+        events_poll: *mut c_void,
+        waiting: bool,
+        /// Runs on each turn of the loop (`Acceptor::on_loop_turn`).
+        prepare: *mut c_void,
     }
 
     thread_local! {
-        static POLLS: RefCell<HashMap<u32, *mut c_void>> = RefCell::new(HashMap::new());
+        /// Each listener's Direct, which its handles point to.
+        static DIRECTS: RefCell<HashMap<u32, *mut Direct>> = RefCell::new(HashMap::new());
     }
 
     pub fn start(receiver: &LoopReceiver, listener: u32, grant: Grant) {
@@ -705,51 +726,105 @@ mod direct {
         // a worker that listens again its own slot back, which the new one
         // attaches to and the old one's leave would free.
         stop(listener);
-        let Ok(acceptor) = Acceptor::new(grant.socket, grant.table, grant.progress, grant.slot as usize, lag) else {
+        let Ok(acceptor) = Acceptor::new(grant.socket, grant.table, grant.progress, grant.slot as usize, lag, PER_TURN)
+        else {
             // The slot stays free; connections still reach this worker when
             // others return them.
             return;
         };
-        let fd = acceptor.poll_fd();
-        let data = Box::into_raw(Box::new(Direct { listener, acceptor }));
-        match new_poll(receiver.uv_loop, fd, data.cast(), on_ready) {
-            Ok(handle) => {
-                POLLS.with(|p| p.borrow_mut().insert(listener, handle));
+        let (Some(socket_fd), events_fd) = (acceptor.socket_fd(), acceptor.events_fd()) else { return };
+        let direct = Box::into_raw(Box::new(Direct {
+            listener,
+            acceptor,
+            socket_poll: std::ptr::null_mut(),
+            events_poll: std::ptr::null_mut(),
+            waiting: false,
+            prepare: std::ptr::null_mut(),
+        }));
+        // SAFETY: `direct` came from Box::into_raw above; nothing else refers to it yet.
+        let d = unsafe { &mut *direct };
+        let uv_loop = receiver.uv_loop;
+        match (
+            new_poll(uv_loop, socket_fd, direct.cast(), on_ready),
+            new_poll(uv_loop, events_fd, direct.cast(), on_ready),
+            // SAFETY: `handle` is writable memory of the right size and
+            // `uv_loop` is this thread's running loop.
+            new_handle(uv::UV_PREPARE, |handle| unsafe { uv::uv_prepare_init(uv_loop, handle) }, direct.cast()),
+        ) {
+            (Ok(socket_poll), Ok(events_poll), Ok(prepare)) => {
+                // Not waiting yet: the socket's poll runs.
+                // SAFETY: a started poll handle and an initialised prepare
+                // handle of this loop; the callback matches uv_prepare_cb.
+                unsafe {
+                    uv::uv_poll_stop(events_poll);
+                    uv::uv_prepare_start(prepare, on_loop_turn);
+                }
+                (d.socket_poll, d.events_poll, d.prepare) = (socket_poll, events_poll, prepare);
+                DIRECTS.with(|m| m.borrow_mut().insert(listener, direct));
             }
-            // SAFETY: `data` came from Box::into_raw above and no handle refers to it.
-            Err(_) => drop(unsafe { Box::from_raw(data) }),
+            (socket_poll, events_poll, prepare) => {
+                // The slot stays free, as above; what was made is undone.
+                for handle in [socket_poll, events_poll, prepare].into_iter().flatten() {
+                    // SAFETY: a handle of this loop, closed once; it frees only itself.
+                    unsafe { uv::uv_close(handle, on_closed) };
+                }
+                // SAFETY: `direct` came from Box::into_raw; the closing handles never read it.
+                drop(unsafe { Box::from_raw(direct) });
+            }
         }
     }
 
-    /// Stops accepting on `listener` at once; the handle is freed once libuv
-    /// has closed it.
+    /// Stops accepting on `listener` at once; the handles are freed once
+    /// libuv has closed them, the rest now.
     pub fn stop(listener: u32) {
-        let Some(handle) = POLLS.with(|p| p.borrow_mut().remove(&listener)) else { return };
-        // SAFETY: `data` is the Direct this handle was started with; no other
+        let Some(direct) = DIRECTS.with(|m| m.borrow_mut().remove(&listener)) else { return };
+        // SAFETY: `direct` came from Box::into_raw in `start`, and no other
         // reference to it is live (we are not inside its callback's borrow).
-        let direct = unsafe { &mut *(*handle.cast::<*mut Direct>()) };
-        direct.acceptor.leave();
-        // SAFETY: an active poll handle of this loop, closed once.
+        let mut direct = unsafe { Box::from_raw(direct) };
+        // The socket's poll goes first: other processes hold the socket, so
+        // closing our descriptor would not take it out of the loop's epoll.
+        // SAFETY: handles of this loop, each closed once; their close
+        // callback frees only the handle, never the Direct.
         unsafe {
-            uv::uv_poll_stop(handle);
-            uv::uv_close(handle, on_closed);
+            uv::uv_close(direct.socket_poll, on_closed);
+            uv::uv_close(direct.events_poll, on_closed);
+            uv::uv_close(direct.prepare, on_closed);
         }
+        direct.acceptor.leave();
+    }
+
+    extern "C" fn on_loop_turn(handle: *mut c_void) {
+        // SAFETY: `data` is the listener's Direct, alive while its handles are.
+        let direct = unsafe { &*(*handle.cast::<*const Direct>()) };
+        direct.acceptor.on_loop_turn();
     }
 
     extern "C" fn on_closed(handle: *mut c_void) {
-        // SAFETY: libuv is done with the handle; `data` is the boxed Direct.
-        unsafe {
-            drop(Box::from_raw(*handle.cast::<*mut Direct>()));
-            libc::free(handle);
-        }
+        // SAFETY: libuv is done with the handle, which new_handle allocated.
+        unsafe { libc::free(handle) };
     }
 
     extern "C" fn on_ready(handle: *mut c_void, _status: c_int, _events: c_int) {
         let (listener, fds) = {
-            // SAFETY: `data` is the boxed Direct; the borrow ends before JS runs.
+            // SAFETY: `data` is the listener's Direct, alive while its polls
+            // are (see `stop`); the borrow ends before JS runs.
             let direct = unsafe { &mut *(*handle.cast::<*mut Direct>()) };
             let mut fds = Vec::new();
             direct.acceptor.run(&mut fds);
+            let waiting = direct.acceptor.waiting();
+            if waiting != direct.waiting {
+                direct.waiting = waiting;
+                let (from, to) = if waiting {
+                    (direct.socket_poll, direct.events_poll)
+                } else {
+                    (direct.events_poll, direct.socket_poll)
+                };
+                // SAFETY: both are open poll handles of this loop.
+                unsafe {
+                    uv::uv_poll_stop(from);
+                    uv::uv_poll_start(to, uv::UV_READABLE, on_ready);
+                }
+            }
             (direct.listener, fds)
         };
         if fds.is_empty() {

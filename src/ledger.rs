@@ -157,26 +157,32 @@ impl Table {
     /// slot first among equals, so that workers take strict turns. An excused
     /// worker rejoins here, level with the least-served of the others.
     pub fn allowance(&self, slot: usize, queued: bool, lag: u64) -> u64 {
-        let me = &self.slots[slot];
-        let mut mine = me.accepted.load(SeqCst);
-        match me.state.load(SeqCst) {
-            ACTIVE => {}
-            EXCUSED => {
-                if let Some(floor) = self.floor(Some(slot)) {
-                    if floor > mine {
-                        me.accepted.store(floor, SeqCst);
-                        mine = floor;
-                    }
-                }
-                let _ = me.state.compare_exchange(EXCUSED, ACTIVE, SeqCst, SeqCst);
-            }
-            _ => return 0, // detached: the worker is leaving
+        if !self.rejoin(slot) {
+            return 0; // detached: the worker is leaving
         }
+        let mine = self.slots[slot].accepted.load(SeqCst);
         if queued {
             let floor = self.floor(None).unwrap_or(mine).min(mine);
             floor.saturating_add(lag.max(1)).saturating_sub(mine)
         } else {
             u64::from(self.ahead_of(slot, mine, false, lag).next().is_none())
+        }
+    }
+
+    /// An excused worker in `slot` counts again, level with the least-served
+    /// of the others. Returns whether the slot counts (false: detached).
+    pub fn rejoin(&self, slot: usize) -> bool {
+        let me = &self.slots[slot];
+        match me.state.load(SeqCst) {
+            ACTIVE => true,
+            EXCUSED => {
+                if let Some(floor) = self.floor(Some(slot)) {
+                    me.accepted.fetch_max(floor, SeqCst);
+                }
+                let _ = me.state.compare_exchange(EXCUSED, ACTIVE, SeqCst, SeqCst);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -212,6 +218,14 @@ impl Table {
     pub fn note_accept(&self, now: u64, left_waiting: bool) {
         self.last_accept.store(now, SeqCst);
         self.backlog.store(u32::from(left_waiting), SeqCst);
+    }
+
+    /// Notes that connections wait which the worker that looked did not
+    /// take (it waits for its turn, or leaves them to the others).
+    pub fn note_backlog(&self) {
+        if self.backlog.load(SeqCst) == 0 {
+            self.backlog.store(1, SeqCst);
+        }
     }
 
     /// Notes that a worker found the queue empty.
