@@ -32,6 +32,7 @@
 //! worker runs while one waits, and taking whole queues only made them
 //! contend for the socket.
 
+use std::cell::Cell;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,8 @@ pub struct Acceptor {
     slot: usize,
     progress: OwnedFd,
     timer: TimerFd,
+    /// When the timer is due, from `arm` until a look consumes its expiry.
+    timer_due: Cell<Option<Instant>>,
     epoll: Epoll,
     lag: u64,
     waiting_since: Option<Instant>,
@@ -137,6 +140,7 @@ impl Acceptor {
             slot,
             progress,
             timer,
+            timer_due: Cell::new(None),
             epoll,
             lag,
             waiting_since: None,
@@ -183,6 +187,11 @@ impl Acceptor {
 
     /// Handles a wake-up: accepts what the ledger allows into `out`.
     pub fn run(&mut self, out: &mut Vec<OwnedFd>) {
+        self.look(out);
+        self.keep_timer_for_wait();
+    }
+
+    fn look(&mut self, out: &mut Vec<OwnedFd>) {
         // Woken through our epoll, which reports edges: consume them. (While
         // the socket itself is polled, the epoll's reports only pile up,
         // and are consumed here on the first look of the next wait.)
@@ -415,8 +424,28 @@ impl Acceptor {
     }
 
     fn arm(&self, after: Duration) {
-        let at = TimeSpec::from_duration(after.max(Duration::from_nanos(1)));
-        let _ = self.timer.set(Expiration::OneShot(at), TimerSetTimeFlags::empty());
+        let after = after.max(Duration::from_nanos(1));
+        let _ = self.timer.set(Expiration::OneShot(TimeSpec::from_duration(after)), TimerSetTimeFlags::empty());
+        self.timer_due.set(Some(Instant::now() + after));
+    }
+
+    /// Makes sure a wait has a timer to end it. Each way into a wait arms
+    /// the timer for its own end, but waits overlap (a turn waited for
+    /// during a grace re-arms the grace's timer for the turn), and one whose
+    /// timer went off meanwhile would otherwise wait for the next arrival,
+    /// which a burst that already arrived never brings.
+    fn keep_timer_for_wait(&self) {
+        if !self.waiting() || self.timer_due.get().is_some() {
+            return;
+        }
+        let grace = match self.grace {
+            Some(Grace::Leaving { until, .. }) => Some(until),
+            _ => None,
+        };
+        let turn = self.waiting_since.map(|since| since + if self.turn_timer { TURN_WAIT } else { EXCUSE_AFTER });
+        let due = [grace, turn, self.starved_until].into_iter().flatten().min();
+        let now = Instant::now();
+        self.arm(due.map_or(TURN_WAIT, |due| due.saturating_duration_since(now)).max(TURN_WAIT));
     }
 
     /// Consumes the readiness reports (all sources are edge-triggered, so a
@@ -429,6 +458,7 @@ impl Acceptor {
                     if events[..n].iter().any(|e| e.data() == TIMER) {
                         let mut expirations = [0u8; 8];
                         let _ = nix::unistd::read(self.timer.as_fd(), &mut expirations);
+                        self.timer_due.set(None);
                     }
                     if n < events.len() {
                         return;
@@ -655,6 +685,20 @@ mod tests {
         b.on_loop_turn();
         assert!(!table.excused(1));
         assert_eq!(table.accepted(1), table.accepted(0));
+    }
+
+    #[test]
+    fn a_wait_left_without_its_timer_is_given_one() {
+        let (_listener, _table, mut a, _b) = two_fresh_workers();
+        // Not waiting: nothing to arm.
+        a.keep_timer_for_wait();
+        assert!(a.timer_due.get().is_none());
+        // As after a look that consumed the timer of an overlapping wait and
+        // returned in its grace, relying on a timer that had already gone off.
+        a.grace = Some(super::Grace::Leaving { until: Instant::now() + Duration::from_millis(1), queue: 3 });
+        a.keep_timer_for_wait();
+        assert!(a.timer_due.get().is_some());
+        wait_for_wakeup(&a);
     }
 
     #[test]
