@@ -634,6 +634,23 @@ mod tests {
         assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1, "no wake-up within 5 s");
     }
 
+    /// The first worker one ahead of the second, one connection arrives, and
+    /// the first looks: it leaves the connection to the second, whose turn it
+    /// is, and waits. The clients, and what the first took (nothing).
+    fn one_left_to_the_second(
+        listener: &TcpListener,
+        table: &SharedTable,
+        a: &mut Acceptor,
+    ) -> (Vec<TcpStream>, Vec<OwnedFd>) {
+        table.record(0, 1);
+        let clients = connect(listener, 1);
+        let mut got = Vec::new();
+        a.run(&mut got);
+        assert_eq!(got.len(), 0, "left to the worker whose turn it is");
+        assert!(a.waiting(), "waiting: the loop must not poll the socket, which stays readable");
+        (clients, got)
+    }
+
     /// Ten connections queue, then `a` looks once and `b` once: what each took.
     fn ten_queued_then_each_looks(listener: &TcpListener, a: &mut Acceptor, b: &mut Acceptor) -> (usize, usize) {
         let _clients = connect(listener, 10);
@@ -671,11 +688,7 @@ mod tests {
         let (listener, table, mut a, b) = two_fresh_workers();
         // The second worker is stuck; the first waits for its turn, then
         // excuses it.
-        table.record(0, 1);
-        let _clients = connect(&listener, 1);
-        let mut got = Vec::new();
-        a.run(&mut got);
-        assert!(a.waiting());
+        let (_clients, mut got) = one_left_to_the_second(&listener, &table, &mut a);
         assert_eq!(table.excuse_laggards(0, false, 8), 1);
         a.run(&mut got);
         assert_eq!(got.len(), 1);
@@ -746,13 +759,7 @@ mod tests {
     #[test]
     fn in_a_settled_spell_a_lone_connection_waits_only_briefly_for_its_turn() {
         let (listener, table, mut a, _b) = two_busy_workers();
-        // The next connection is the second worker's turn.
-        table.record(0, 1);
-        let _clients = connect(&listener, 1);
-        let mut got = Vec::new();
-        a.run(&mut got);
-        assert_eq!(got.len(), 0, "left to the worker whose turn it is");
-        assert!(a.waiting(), "waiting: the loop must not poll the socket, which stays readable");
+        let (_clients, mut got) = one_left_to_the_second(&listener, &table, &mut a);
         // That worker is busy and does not come: the short wait's timer
         // wakes this one, which takes the connection.
         wait_for_wakeup(&a);

@@ -692,7 +692,7 @@ mod direct {
     use std::collections::HashMap;
     use std::ffi::{c_int, c_void};
 
-    use super::{new_handle, new_poll, uv, LoopReceiver, RECEIVER};
+    use super::{new_handle, new_poll, uv, with_receiver, LoopReceiver};
     use crate::acceptor::Acceptor;
     use crate::worker_channel::Grant;
 
@@ -830,12 +830,12 @@ mod direct {
         if fds.is_empty() {
             return;
         }
-        let receiver = RECEIVER.with(|r| r.get());
-        // SAFETY: set before any lease could arrive, and never freed.
-        let receiver = unsafe { &*receiver };
-        let mut batch = Vec::with_capacity(fds.len() * 3);
-        receiver.channel.adopt(listener, fds, &mut batch);
-        receiver.deliver(batch);
+        // The receiver is set before any lease could arrive.
+        with_receiver(|receiver| {
+            let mut batch = Vec::with_capacity(fds.len() * 3);
+            receiver.channel.adopt(listener, fds, &mut batch);
+            receiver.deliver(batch);
+        });
     }
 }
 
