@@ -976,7 +976,7 @@ impl Loop {
 
 #[cfg(target_os = "linux")]
 mod ledger_share {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
     use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -1019,8 +1019,8 @@ mod ledger_share {
             let slot = match self.reserved.remove(&channel) {
                 Some(slot) => slot,
                 None => {
-                    let taken = |i| self.slots.values().chain(self.reserved.values()).any(|&s| s == i);
-                    self.table.free_slot(taken)?
+                    let taken: HashSet<usize> = self.slots.values().chain(self.reserved.values()).copied().collect();
+                    self.table.free_slot(|i| taken.contains(&i))?
                 }
             };
             let fds = [socket, &self.memfd, &self.progress]
@@ -1060,6 +1060,7 @@ mod ledger_share {
     #[cfg(test)]
     mod tests {
         use super::*;
+        use crate::ledger::SLOTS;
 
         /// Any descriptor will do as the listening socket a lease dups.
         fn socket() -> OwnedFd {
@@ -1088,6 +1089,17 @@ mod ledger_share {
             // Worker 1 has exited.
             ledger.forget(1);
             assert_eq!(slot_of(ledger.lease(7, 3, &socket)), 0);
+        }
+
+        #[test]
+        fn leases_run_out_after_the_last_slot_and_come_back_with_a_worker_gone() {
+            let (mut ledger, socket) = (ListenerLedger::create().unwrap(), socket());
+            for channel in 0..SLOTS as u32 {
+                assert_eq!(slot_of(ledger.lease(7, channel, &socket)), channel);
+            }
+            assert!(ledger.lease(7, SLOTS as u32, &socket).is_none(), "no slot is left");
+            ledger.forget(5);
+            assert_eq!(slot_of(ledger.lease(7, SLOTS as u32, &socket)), 5);
         }
 
         #[test]

@@ -44,9 +44,10 @@ use std::time::Duration;
 /// millisecond now and then.
 pub const QUIET: Duration = Duration::from_millis(10);
 
-/// Slots per listener: the most workers that can share one listener's ledger.
-/// The table fills one page.
-pub const SLOTS: usize = 254;
+/// Slots per listener: the most workers that can share one listener's ledger,
+/// more than the CPUs of the largest machines. The table takes 64 KiB, of
+/// which a listener with few workers touches the first page only.
+pub const SLOTS: usize = 4094;
 
 const FREE: u32 = 0;
 const ACTIVE: u32 = 1;
@@ -82,7 +83,7 @@ pub struct Table {
 }
 
 pub const TABLE_SIZE: usize = std::mem::size_of::<Table>();
-const _: () = assert!(TABLE_SIZE == 4096);
+const _: () = assert!(TABLE_SIZE == 64 * 1024);
 
 impl Table {
     /// A zeroed table in this process's memory, for tests.
@@ -572,5 +573,19 @@ mod tests {
         t.detach(1);
         assert_eq!(t.free_slot(|_| false), Some(1));
         assert_eq!(t.free_slot(|i| i == 1), Some(3));
+    }
+
+    #[test]
+    fn the_last_slot_counts_and_then_none_is_free() {
+        let t = table(SLOTS - 1);
+        assert_eq!(t.free_slot(|_| false), Some(SLOTS - 1));
+        t.attach(SLOTS - 1);
+        assert_eq!(t.active_workers(), SLOTS);
+        assert_eq!(t.free_slot(|_| false), None);
+        // Everyone level: the lowest slot's turn, then the last one's once
+        // all the others have taken theirs.
+        assert_eq!(t.allowance(SLOTS - 1, false, 8), 0);
+        (0..SLOTS - 1).for_each(|i| t.record(i, 1));
+        assert_eq!(t.allowance(SLOTS - 1, false, 8), 1);
     }
 }
