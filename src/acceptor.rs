@@ -374,9 +374,12 @@ impl Acceptor {
             let capped = !empty && self.starved_until.is_none() && taken >= self.per_turn;
             let left_waiting = !empty && (!capped || queue.is_some_and(|q| u64::from(q) > got));
             if got > 0 {
-                self.table.record(self.slot, got);
+                let before = self.table.record(self.slot, got);
                 self.table.note_accept(clock, left_waiting);
-                if self.table.waiters() > 0 {
+                // Only an accept by the least-served can let a waiting
+                // worker go: waking the waiters for any other cost them a
+                // look each for nothing.
+                if self.table.waiters() > 0 && self.table.may_release_waiters(self.slot, before) {
                     self.signal();
                 }
             } else if empty {
@@ -681,6 +684,36 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert!(a.waiting());
         assert_eq!(table.accepted(0), 100_002);
+    }
+
+    /// Whether the listener's progress eventfd was written since the last
+    /// call (which reads it).
+    fn signalled(acceptor: &Acceptor) -> bool {
+        nix::unistd::read(acceptor.progress.as_fd(), &mut [0u8; 8]).is_ok()
+    }
+
+    #[test]
+    fn only_an_accept_by_the_least_served_wakes_the_waiters() {
+        let (listener, table, mut acceptors) = workers(3);
+        table.record(0, 100_000);
+        table.record(1, 100_010);
+        table.record(2, 100_020);
+        table.note_accept(monotonic_ns(), true);
+        let (a, rest) = acceptors.split_first_mut().unwrap();
+        let b = &mut rest[0];
+        // The third worker waits (as the ledger counts it).
+        table.add_waiter(2);
+        // The second, ahead of the first, takes a queue in a settled spell.
+        let _clients = connect(&listener, 3);
+        let mut got = Vec::new();
+        b.run(&mut got);
+        assert_eq!(got.len(), 3);
+        assert!(!signalled(b), "the first worker still holds the waiter back");
+        // The first, the least-served, accepts.
+        let _clients = connect(&listener, 2);
+        a.run(&mut got);
+        assert_eq!(got.len(), 5);
+        assert!(signalled(a), "the waiter may go now");
     }
 
     #[test]

@@ -209,9 +209,18 @@ impl Table {
         level.saturating_sub(self.slots[slot].accepted.load(SeqCst))
     }
 
-    /// Counts `n` connections accepted by `slot`.
-    pub fn record(&self, slot: usize, n: u64) {
-        self.slots[slot].accepted.fetch_add(n, SeqCst);
+    /// Counts `n` connections accepted by `slot`; returns its count before.
+    pub fn record(&self, slot: usize, n: u64) -> u64 {
+        self.slots[slot].accepted.fetch_add(n, SeqCst)
+    }
+
+    /// Whether an accept by `slot`, whose count was `before`, may let a
+    /// waiting worker accept: only if no other active worker is below
+    /// `before`. Whoever waits for the others is held back by the
+    /// least-served, under either rule of `allowance`, and stays held back
+    /// while that one is below the worker that accepted.
+    pub fn may_release_waiters(&self, slot: usize, before: u64) -> bool {
+        self.floor(Some(slot)).is_none_or(|floor| floor >= before)
     }
 
     /// Notes that a worker accepted at `now`, and whether it left
@@ -576,6 +585,27 @@ mod tests {
     }
 
     #[test]
+    fn only_an_accept_by_the_least_served_can_let_a_waiter_go() {
+        let t = table(3);
+        t.record(1, 5);
+        t.record(2, 7);
+        // Worker 2 waits, under either rule, held back by worker 0.
+        assert_eq!((t.allowance(2, false, 8), t.allowance(2, true, 2)), (0, 0));
+        // Worker 1 accepts (it may run ahead while connections queue):
+        // worker 2 is still held back, and need not be told.
+        let before = t.record(1, 1);
+        assert!(!t.may_release_waiters(1, before));
+        assert_eq!((t.allowance(2, false, 8), t.allowance(2, true, 2)), (0, 0));
+        // Worker 0 accepts: it was the least-served.
+        let before = t.record(0, 6);
+        assert!(t.may_release_waiters(0, before));
+        assert_eq!(t.allowance(2, true, 2), 1, "worker 2 may go on now");
+        // Among equals, any of them may be the one a waiter waits for.
+        let before = t.record(1, 0);
+        assert!(t.may_release_waiters(1, before), "worker 1 is level with worker 0");
+    }
+
+    #[test]
     fn the_last_slot_counts_and_then_none_is_free() {
         let t = table(SLOTS - 1);
         assert_eq!(t.free_slot(|_| false), Some(SLOTS - 1));
@@ -585,7 +615,9 @@ mod tests {
         // Everyone level: the lowest slot's turn, then the last one's once
         // all the others have taken theirs.
         assert_eq!(t.allowance(SLOTS - 1, false, 8), 0);
-        (0..SLOTS - 1).for_each(|i| t.record(i, 1));
+        for i in 0..SLOTS - 1 {
+            t.record(i, 1);
+        }
         assert_eq!(t.allowance(SLOTS - 1, false, 8), 1);
     }
 }
