@@ -308,7 +308,7 @@ impl Acceptor {
                         // With turns kept loosely, a turn is waited for only
                         // briefly (then the timer is the excuse timer).
                         self.turn_timer = loose && !queued;
-                        self.arm(if self.turn_timer { TURN_WAIT } else { EXCUSE_AFTER });
+                        self.arm(self.wait_limit());
                         continue;
                     }
                     Some(since) if now.duration_since(since) >= EXCUSE_AFTER => {
@@ -432,6 +432,16 @@ impl Acceptor {
         self.timer_due.set(Some(Instant::now() + after));
     }
 
+    /// How long a wait lasts from its start until its timer goes off: a
+    /// turn's short wait, or the wait for the excuse.
+    fn wait_limit(&self) -> Duration {
+        if self.turn_timer {
+            TURN_WAIT
+        } else {
+            EXCUSE_AFTER
+        }
+    }
+
     /// Makes sure a wait has a timer to end it. Each way into a wait arms
     /// the timer for its own end, but waits overlap (a turn waited for
     /// during a grace re-arms the grace's timer for the turn), and one whose
@@ -445,7 +455,7 @@ impl Acceptor {
             Some(Grace::Leaving { until, .. }) => Some(until),
             _ => None,
         };
-        let turn = self.waiting_since.map(|since| since + if self.turn_timer { TURN_WAIT } else { EXCUSE_AFTER });
+        let turn = self.waiting_since.map(|since| since + self.wait_limit());
         let due = [grace, turn, self.starved_until].into_iter().flatten().min();
         let now = Instant::now();
         self.arm(due.map_or(TURN_WAIT, |due| due.saturating_duration_since(now)).max(TURN_WAIT));
