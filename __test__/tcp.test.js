@@ -32,6 +32,20 @@ for (const balance of ['ledger', 'dispatch']) {
   });
 }
 
+for (const balance of ['ledger', 'dispatch']) {
+  test(`a connection its worker answered in part before exiting is ended, not served again (${balance})`, async () => {
+    const [rs, node] = await both('tcp.js', ['exitHolding'], { env: { CLUSTER_RS_BALANCE: balance } });
+    for (const result of [rs, node]) {
+      const { answer, next, exits } = one(result, 'result');
+      const [, first] = /^part from (\d+);$/.exec(answer) || [];
+      assert.ok(first, result.describe());
+      assert.match(next, /^whole from \d+$/, result.describe());
+      assert.notEqual(next, `whole from ${first}`, result.describe());
+      assert.equal(exits, 1, result.describe());
+    }
+  });
+}
+
 test('a worker script that never requires cluster-rs shares the port; both workers serve', async () => {
   const [rs, node] = await both('plain.js');
   for (const result of [rs, node]) {

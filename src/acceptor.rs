@@ -44,7 +44,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 
 use crate::ledger::shared::{signal_progress, SharedTable};
 use crate::ledger::QUIET;
-use crate::sys::{accept_failure, AcceptFailure, SysResult, Syscall};
+use crate::sys::{self, accept_failure, AcceptFailure, SysResult, Syscall};
 
 /// How long a worker waits for one that holds it back before excusing it.
 pub const EXCUSE_AFTER: Duration = Duration::from_millis(25);
@@ -538,15 +538,8 @@ const TCP_LISTEN: u8 = 10;
 
 /// The length of a TCP listener's accept queue, or None for other sockets.
 fn queue_length(fd: RawFd) -> Option<u32> {
-    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` and `len` are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
-    };
     // For a listening socket the kernel reports its accept queue as `unacked`.
-    (rc == 0 && info.tcpi_state == TCP_LISTEN).then_some(info.tcpi_unacked)
+    sys::tcp_info(fd).filter(|(info, _)| info.tcpi_state == TCP_LISTEN).map(|(info, _)| info.tcpi_unacked)
 }
 
 #[cfg(test)]

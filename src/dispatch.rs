@@ -960,6 +960,14 @@ impl Loop {
         // Oldest first, so the re-queued ones keep their order at the head.
         held.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         for (_, conn) in held {
+            // Unacknowledged is not untouched: a worker that exits inside a
+            // 'connection' listener, or is killed while its acknowledgement
+            // waits for room in the channel, may have read from or answered
+            // one. Another worker would take it up in the middle; closing it
+            // tells its client at once, as a node:cluster worker's death does.
+            if sys::connection_use(conn.fd.as_fd()) == sys::Use::Used {
+                continue;
+            }
             self.requeue(conn);
         }
     }
@@ -1590,6 +1598,44 @@ mod tests {
         drop(worker);
         lp.apply(Command::RemoveChannel { id: 10 });
         assert!(lp.listeners[&1].pending.is_empty(), "a connection the worker took was queued for another");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_connection_a_worker_read_from_before_it_went_is_closed_not_handed_on() {
+        let (mut lp, worker, batch, mut client) = handed_one();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        // SAFETY: the fd stays open while `worker`, which holds it unsettled,
+        // lives, and ManuallyDrop leaves closing it to `worker`.
+        let mut taken = std::mem::ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(batch[2] as i32) });
+        let mut buf = [0u8; 64];
+        assert!(taken.read(&mut buf).unwrap() > 0);
+        // It exits before it acknowledges.
+        drop(worker);
+        lp.apply(Command::RemoveChannel { id: 10 });
+        assert!(lp.listeners[&1].pending.is_empty(), "a connection the worker read from was queued for another");
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(client.read(&mut buf).unwrap(), 0, "its client was not told");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_connection_a_dead_worker_left_unread_goes_to_another_whole() {
+        let (mut lp, worker, batch, mut client) = handed_one();
+        client.write_all(b"request").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        // SAFETY: the fd stays open while `worker`, which holds it unsettled, lives.
+        let taken = unsafe { std::os::fd::BorrowedFd::borrow_raw(batch[2] as i32) };
+        let mut fds = [PollFd::new(taken, PollFlags::from_bits_retain(libc::POLLRDHUP))];
+        assert_eq!(nix::poll::poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1);
+        drop(worker);
+        lp.apply(Command::RemoveChannel { id: 10 });
+        let mut pending = std::mem::take(&mut lp.listeners.get_mut(&1).unwrap().pending);
+        assert_eq!(pending.len(), 1, "the connection was not handed on");
+        let mut next = TcpStream::from(pending.pop_front().unwrap().fd);
+        let mut request = Vec::new();
+        next.read_to_end(&mut request).unwrap();
+        assert_eq!(request, b"request");
     }
 
     #[test]

@@ -148,6 +148,84 @@ pub unsafe fn own(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// `TCP_INFO` of a TCP socket, with how many of its bytes the kernel filled
+/// in (an older kernel fills in fewer fields); None for other sockets.
+#[cfg(target_os = "linux")]
+pub fn tcp_info(fd: RawFd) -> Option<(libc::tcp_info, usize)> {
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
+    };
+    (rc == 0).then_some((info, len as usize))
+}
+
+/// What a connection's own counters say of whether a process that held it
+/// used it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Nothing read from it, written to it or shut down on this side: the
+    /// next to take it sees it as its client left it.
+    Fresh,
+    /// Read from, written to, shut down on this side, or already closed.
+    Used,
+    /// No way to tell: not TCP, a kernel older than 4.19, not Linux.
+    Unknown,
+}
+
+/// The kernel's TCP states a fresh connection can be in (include/net/tcp_states.h).
+#[cfg(target_os = "linux")]
+const TCP_ESTABLISHED: u8 = 1;
+#[cfg(target_os = "linux")]
+const TCP_CLOSE_WAIT: u8 = 8;
+
+/// Whether a process that held the accepted TCP connection `fd` used it,
+/// from what the kernel counts: bytes sent or waiting to be sent, bytes
+/// received beyond those still unread, and its state.
+#[cfg(target_os = "linux")]
+pub fn connection_use(fd: BorrowedFd<'_>) -> Use {
+    use std::os::fd::AsRawFd;
+    let fd = fd.as_raw_fd();
+    let counted = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_sent) + std::mem::size_of::<u64>();
+    // Bytes that arrive between the two reads of the counters would pass for
+    // bytes read: look again while they move.
+    for _ in 0..3 {
+        let Some((before, len)) = tcp_info(fd) else { return Use::Unknown };
+        if len < counted {
+            return Use::Unknown;
+        }
+        let state = before.tcpi_state;
+        if !matches!(state, TCP_ESTABLISHED | TCP_CLOSE_WAIT)
+            || before.tcpi_bytes_sent > 0
+            || before.tcpi_notsent_bytes > 0
+        {
+            return Use::Used;
+        }
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int through the pointer given.
+        if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) } != 0 {
+            return Use::Unknown;
+        }
+        let Some((after, _)) = tcp_info(fd) else { return Use::Unknown };
+        if after.tcpi_bytes_received != before.tcpi_bytes_received || after.tcpi_state != state {
+            continue;
+        }
+        // The client's FIN counts as a byte received, never as one unread.
+        let fin = u64::from(state == TCP_CLOSE_WAIT);
+        let read = before.tcpi_bytes_received.saturating_sub(fin).saturating_sub(unread.max(0) as u64);
+        return if read == 0 { Use::Fresh } else { Use::Used };
+    }
+    // A client still sending: whether any of it was read cannot be told.
+    Use::Used
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn connection_use(_: BorrowedFd<'_>) -> Use {
+    Use::Unknown
+}
+
 /// True when the errno means "try again later" on a non-blocking descriptor.
 pub fn would_block(errno: Errno) -> bool {
     errno == Errno::EAGAIN || errno == Errno::EWOULDBLOCK
@@ -212,6 +290,75 @@ pub fn send_failure(errno: Errno) -> SendFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    mod connection_use {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::os::fd::AsFd;
+
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+        use super::super::{connection_use, stream_pair, Use};
+
+        /// A loopback client and the server's end of its connection.
+        fn pair() -> (TcpStream, TcpStream) {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            (client, server)
+        }
+
+        /// Waits until `server` has something to read (or its client's FIN, with `RDHUP`).
+        fn arrived(server: &TcpStream, flags: PollFlags) {
+            let mut fds = [PollFd::new(server.as_fd(), flags)];
+            assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1);
+        }
+
+        #[test]
+        fn a_connection_nobody_read_or_answered_is_fresh() {
+            let (mut client, server) = pair();
+            assert_eq!(connection_use(server.as_fd()), Use::Fresh);
+            client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            arrived(&server, PollFlags::POLLIN);
+            assert_eq!(connection_use(server.as_fd()), Use::Fresh);
+            // The client's FIN counts among the bytes received, never as unread.
+            client.shutdown(Shutdown::Write).unwrap();
+            arrived(&server, PollFlags::from_bits_retain(libc::POLLRDHUP));
+            assert_eq!(connection_use(server.as_fd()), Use::Fresh);
+        }
+
+        #[test]
+        fn a_connection_read_from_answered_or_shut_down_is_used() {
+            let (mut client, mut server) = pair();
+            client.write_all(b"abc").unwrap();
+            arrived(&server, PollFlags::POLLIN);
+            let mut one = [0u8; 1];
+            server.read_exact(&mut one).unwrap();
+            assert_eq!(connection_use(server.as_fd()), Use::Used, "read in part");
+
+            let (mut client, mut server) = pair();
+            client.write_all(b"abc").unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+            let mut all = Vec::new();
+            server.read_to_end(&mut all).unwrap();
+            assert_eq!(connection_use(server.as_fd()), Use::Used, "read to the end");
+
+            let (_client, mut server) = pair();
+            server.write_all(b"220 ready\r\n").unwrap();
+            assert_eq!(connection_use(server.as_fd()), Use::Used, "answered");
+
+            let (_client, server) = pair();
+            server.shutdown(Shutdown::Write).unwrap();
+            assert_eq!(connection_use(server.as_fd()), Use::Used, "shut down");
+        }
+
+        #[test]
+        fn what_is_not_tcp_cannot_be_told() {
+            let (a, _b) = stream_pair().unwrap();
+            assert_eq!(connection_use(a.as_fd()), Use::Unknown);
+        }
+    }
 
     #[test]
     fn only_a_gone_peer_ends_a_channel() {
