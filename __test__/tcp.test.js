@@ -32,10 +32,15 @@ for (const balance of ['ledger', 'dispatch']) {
   });
 }
 
-for (const balance of ['ledger', 'dispatch']) {
+for (const balance of ['ledger', 'dispatch', 'unix socket']) {
   test(`a connection its worker answered in part before exiting is ended, not served again (${balance})`, async () => {
-    const [rs, node] = await both('tcp.js', ['exitHolding'], { env: { CLUSTER_RS_BALANCE: balance } });
-    for (const result of [rs, node]) {
+    const dir = balance === 'unix socket' ? tmpdir() : undefined;
+    const run = (module) => runOk('tcp.js', ['exitHolding', ...(dir ? [path.join(dir, module)] : [])],
+                                  { module, env: dir ? {} : { CLUSTER_RS_BALANCE: balance } });
+    const results = await Promise.all([run('rs'), run('node')]).finally(() => {
+      if (dir) fs.rmSync(dir, { recursive: true, force: true });
+    });
+    for (const result of results) {
       const { answer, next, exits } = one(result, 'result');
       const [, first] = /^part from (\d+);$/.exec(answer) || [];
       assert.ok(first, result.describe());

@@ -188,17 +188,25 @@ function roundRobin(message, { indexesKey, index, server }, cb) {
 
 // A batch from the native channel: [listener, seq, fd, listener, seq, fd, ...]:
 // connections the primary handed over or the worker accepted itself. Each is
-// taken or declined, and the primary hears of all of them in one write.
+// taken or declined, and the primary hears of all of them in one write,
+// before any of them reaches the app, as node:cluster's worker acknowledges
+// a connection before its server sees it: a worker that dies in a
+// 'connection' listener then takes its connections with it, and the primary
+// hands none of them, half-used, to another worker.
 function onBatch(batch) {
   const accepted = [];
   const declined = [];
+  const taken = []; // [server handle, connection handle, ...]
+  let added; // server -> connections taken in this batch, under maxConnections
   try {
     for (let i = 0; i + 2 < batch.length; i += 3) {
       const seq = batch[i + 1];
       const entry = byListener.get(batch[i]);
       const server = entry && entry.server;
+      const limited = entry !== undefined && Boolean(server.maxConnections);
+      const extra = limited && added !== undefined ? added.get(server) || 0 : 0;
       if (!entry || typeof entry.handle.onconnection !== 'function' ||
-          (server.maxConnections && server._connections >= server.maxConnections)) {
+          (limited && server._connections + extra >= server.maxConnections)) {
         declined.push(seq);
         continue;
       }
@@ -208,8 +216,19 @@ function onBatch(batch) {
         continue;
       }
       accepted.push(seq);
+      taken.push(entry.handle, handle);
+      if (limited) (added ||= new Map()).set(server, extra + 1);
+    }
+  } finally {
+    // After an unexpected throw (making a handle), what is left of the
+    // batch, from the entry it was making on, goes to another worker.
+    for (let i = (accepted.length + declined.length) * 3; i + 2 < batch.length; i += 3) declined.push(batch[i + 1]);
+    native.workerSettle(accepted, declined);
+    // (A listener that closes its server hands the rest of the batch to it
+    // all the same: they were taken while it listened.)
+    for (let i = 0; i < taken.length; i += 2) {
       try {
-        entry.handle.onconnection(0, handle);
+        taken[i].onconnection(0, taken[i + 1]);
       } catch (err) {
         // A 'connection' listener threw. Under node:cluster each connection
         // arrives in a message of its own, so the others are still served
@@ -217,11 +236,6 @@ function onBatch(batch) {
         process.nextTick(rethrow, err);
       }
     }
-  } finally {
-    // After an unexpected throw (making a handle), what is left of the
-    // batch, from the entry it was making on, goes to another worker.
-    for (let i = (accepted.length + declined.length) * 3; i + 2 < batch.length; i += 3) declined.push(batch[i + 1]);
-    native.workerSettle(accepted, declined);
   }
 }
 
