@@ -51,6 +51,21 @@ for (const balance of ['ledger', 'dispatch', 'unix socket']) {
   });
 }
 
+test('maxConnections holds within a batch: a worker takes up to its limit of what arrived while it was stuck', async () => {
+  const [rs, node] = await both('tcp.js', ['batchLimit'], { env: DISPATCH });
+  for (const result of [rs, node]) {
+    const { greetings, aConns } = one(result, 'result');
+    assert.equal(greetings.length, 6, result.describe());
+    assert.equal(greetings.filter((g) => g === '1').length, aConns, result.describe());
+    assert.ok(aConns <= 2, result.describe());
+  }
+  // The dispatcher handed the stuck worker 3 of the 6 (every other one):
+  // it took 2 and declined 1, which went to the other.
+  const { aConns, stats } = one(rs, 'result');
+  assert.equal(aConns, 2, rs.describe());
+  assert.equal(stats['1'].declined, 1, rs.describe());
+});
+
 test('a worker script that never requires cluster-rs shares the port; both workers serve', async () => {
   const [rs, node] = await both('plain.js');
   for (const result of [rs, node]) {
