@@ -960,11 +960,12 @@ impl Loop {
         // Oldest first, so the re-queued ones keep their order at the head.
         held.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         for (_, conn) in held {
-            // Unacknowledged is not untouched: a worker that exits inside a
-            // 'connection' listener, or is killed while its acknowledgement
-            // waits for room in the channel, may have read from or answered
-            // one. Another worker would take it up in the middle; closing it
-            // tells its client at once, as a node:cluster worker's death does.
+            // Unacknowledged is not untouched: a worker acknowledges a batch
+            // before its app sees it, but one killed while that
+            // acknowledgement waited for room in the channel may have read
+            // from or answered a connection. Another worker would take it up
+            // in the middle; closing it tells its client at once, as a
+            // node:cluster worker's death does.
             if sys::connection_use(conn.fd.as_fd()) == sys::Use::Used {
                 continue;
             }
