@@ -224,8 +224,9 @@ function onBatch(batch) {
     // batch, from the entry it was making on, goes to another worker.
     for (let i = (accepted.length + declined.length) * 3; i + 2 < batch.length; i += 3) declined.push(batch[i + 1]);
     native.workerSettle(accepted, declined);
-    // (A listener that closes its server hands the rest of the batch to it
-    // all the same: they were taken while it listened.)
+    // A 'connection' listener that closes its server does not stop the
+    // rest of the batch: those were taken while it listened, and it serves
+    // them (node:cluster's primary would give them to another worker).
     for (let i = 0; i < taken.length; i += 2) {
       try {
         taken[i].onconnection(0, taken[i + 1]);
