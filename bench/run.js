@@ -261,6 +261,16 @@ function readProcCpuS(pid) {
     return (Number(f[11]) + Number(f[12])) / CLK_TCK; // utime + stime
   } catch { return null; }
 }
+// The host's CPU time so far, in clock ticks: all of it, and the part idle
+// (idle and iowait; /proc/stat's first line), or null where there is none.
+function readHostCpu() {
+  try {
+    const line = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0];
+    // user nice system idle iowait irq softirq steal (guest time is in user's)
+    const t = line.trim().split(/\s+/).slice(1, 9).map(Number);
+    return { total: t.reduce((a, b) => a + b, 0), idle: t[3] + t[4] };
+  } catch { return null; }
+}
 function readRssKb(pid) {
   try {
     const m = /VmRSS:\s+(\d+)\s*kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
@@ -404,6 +414,8 @@ function parseWrk(out) {
     errors,
     errorsTotal: Object.values(errors).reduce((a, b) => a + b, 0),
     textRps: r.text.rps,
+    // wrk's own CPU time over its run (it measures itself; see bench/wrk.lua).
+    loadCpuS: j && j.cpu_ticks >= 0 ? j.cpu_ticks / CLK_TCK : null,
   };
 }
 
@@ -519,8 +531,10 @@ async function measure(implName, scenario, workers, cfg) {
     await srv.cmd('reset');
     const cpu0 = (await srv.cmd('cpu')).cpuUs;
     const proc0 = readProcCpuS(srv.pid);
+    const host0 = readHostCpu();
     stage = 'load';
     const w = await runWrk(port, scenario, cfg.duration, cfg);
+    const host1 = readHostCpu();
     const rssKb = readRssKb(srv.pid);
     const proc1 = readProcCpuS(srv.pid);
     stage = 'stats';
@@ -557,6 +571,11 @@ async function measure(implName, scenario, workers, cfg) {
       workersCpuPer10kConnS: connections >= 1000 && workersCpuS != null ? workersCpuS / connections * 1e4 : null,
       workersCpuUsPerReq: serverRequests > 0 && workersCpuS != null ? workersCpuS / serverRequests * 1e6 : null,
       primaryRssKb: rssKb,
+      // The load generator's share: its CPU per request, and how busy its
+      // threads were (near 1, it limits the run, not the server).
+      loadCpuUsPerReq: w.loadCpuS != null && w.requests > 0 ? w.loadCpuS / w.requests * 1e6 : null,
+      loadBusy: w.loadCpuS != null && w.durationS > 0 ? w.loadCpuS / (w.durationS * cfg.threads) : null,
+      hostIdle: host0 && host1 && host1.total > host0.total ? (host1.idle - host0.idle) / (host1.total - host0.total) : null,
       startupMs: ready.startupMs,
       restartMs,
     };
@@ -604,6 +623,9 @@ function aggregate(runs, impls, scenarios, workerCounts, baseImpl) {
           workersCpuPer10kConnS: median(rs.map((r) => r.workersCpuPer10kConnS)),
           workersCpuUsPerReq: median(rs.map((r) => r.workersCpuUsPerReq)),
           primaryRssKb: median(rs.map((r) => r.primaryRssKb)),
+          loadCpuUsPerReq: median(rs.map((r) => r.loadCpuUsPerReq)),
+          loadBusy: median(rs.map((r) => r.loadBusy)),
+          hostIdle: median(rs.map((r) => r.hostIdle)),
           ratio: null,
         });
       }
@@ -691,6 +713,9 @@ const COLS = [
   ['workers CPU µs/req', (r) => fmt.f(r.workersCpuUsPerReq, 1), 'r'],
   ['prim CPU s', (r) => fmt.f(r.primaryCpuS, 2), 'r'],
   ['prim RSS', (r) => fmt.mb(r.primaryRssKb), 'r'],
+  ['wrk CPU µs/req', (r) => fmt.f(r.loadCpuUsPerReq, 1), 'r'],
+  ['wrk busy', (r) => pct(r.loadBusy), 'r'],
+  ['host idle', (r) => pct(r.hostIdle), 'r'],
 ];
 const TCOLS = [
   ['impl', (t) => t.impl],
@@ -702,6 +727,8 @@ const TCOLS = [
   ['samples', (t) => String(t.n), 'r'],
 ];
 const pct = (x) => (x == null ? '—' : (x * 100).toFixed(0) + '%');
+// wrk's threads busy this much of a run: it, not the server, may limit it.
+const LOAD_BOUND = 0.9;
 const splits = (list) => list.map((split) => split.join('/')).join(' ');
 const PCOLS = [
   ['impl', (p) => p.impl],
@@ -816,6 +843,7 @@ const NOTES = [
   'prim CPU = user+system CPU of the primary process (all its threads) during the measured load (process.cpuUsage() in the primary); per 10k conn only shown when ≥ 1000 connections were made (not meaningful for keep-alive). For `single` the "primary" is the only process and does all the work.',
   'workers CPU = user+system CPU of all workers together (process.cpuUsage() in each, since the reset before the load), per 10k connections; with the primary\'s, it says where a policy spends the machine. Per request too: with keep-alive, where no connection is accepted, it tells a cost the module adds to each request from the split of the connections and the machine\'s noise.',
   'prim RSS = VmRSS of the primary right after the load.',
+  `wrk CPU = user+system CPU of wrk itself (all its threads, read from /proc/self/stat in bench/wrk.lua) per request; wrk busy = that CPU ÷ (duration × wrk threads); host idle = the idle part of all CPUs during the load (/proc/stat). On one machine wrk and the server share the CPUs: with host idle near 0, req/s ≈ busy CPUs ÷ (wrk's + primary's + workers' CPU per request), so a server can gain only what it spends itself. With wrk busy ${LOAD_BOUND * 100}% or more, the load generator is near its own limit and the harness says so.`,
   'pool: connections per worker of a pool of `--connections` keep-alive connections opened at once by the harness, 100 ms after `--duration` s of close load ("after load") and halfway through another ("during load"), one entry per round; busiest = the median over rounds of the busiest worker\'s part of the pool (ideal: 1 ÷ workers).',
   'fork → all listening: from just before the first fork() until N cluster `listening` events. SIGKILL → replacement listening: the primary kills one worker with SIGKILL and, like ordinary node:cluster code, forks a replacement on `exit`; time until that replacement is listening. With the startup scenario, these come from its samples: fresh servers that only start and replace a worker, the impls taking turns sample by sample; without it, from the server of each load measurement. vs base (paired) = the median difference from the baseline\'s sample of the same round (and sample).',
 ];
@@ -948,6 +976,7 @@ async function main() {
     if (it.scenario === 'close' && res.connections < 0.9 * res.serverRequests) warn.push(`only ${res.connections} connections for ${res.serverRequests} requests: Connection: close not in effect?`);
     if (it.scenario !== 'close' && res.connections > 20 * cfg.connections) warn.push(`${res.connections} connections for a keep-alive run`);
     if (res.requests > 0 && Math.abs(res.serverRequests - res.requests) > cfg.connections * 2 + 0.01 * res.requests) warn.push(`wrk counted ${res.requests} requests, servers ${res.serverRequests}`);
+    if (res.loadBusy >= LOAD_BOUND) warn.push(`wrk was busy ${pct(res.loadBusy)} of the run: the load generator may limit this figure`);
     process.stdout.write(`${fmt.int(res.rps).padStart(7)} req/s  p50 ${fmt.ms(res.p50Us)}  p99 ${fmt.ms(res.p99Us)}  err ${res.errorsTotal}` +
       `  conns ${res.perWorkerConnections.join('/')}  prim cpu ${res.primaryCpuS.toFixed(2)}s` +
       (res.startupMs != null ? `  start ${res.startupMs.toFixed(0)}ms` : '') +
@@ -956,6 +985,13 @@ async function main() {
   }
 
   const agg = aggregate(runs, impls, cfg.scenarios, workerCounts, a.base);
+  const bound = agg.rows.filter((r) => r.loadBusy >= LOAD_BOUND);
+  if (bound.length) {
+    const n = `wrk's threads were busy ${LOAD_BOUND * 100}% or more of the run (median) in ${bound.map((r) => `${r.scenario}/${r.workersConfig}w/${r.impl}`).join(', ')}: ` +
+      'the load generator is near its limit there, and req/s tells of it as much as of the server. Load from another machine measures further.';
+    console.log(`bench: ${n}`);
+    notes.push(n);
+  }
   const elapsedS = (Date.now() - tStart) / 1000;
   const meta = {
     date: new Date().toISOString(),
