@@ -572,7 +572,7 @@ async function measure(implName, scenario, workers, cfg) {
       workersCpuUsPerReq: serverRequests > 0 && workersCpuS != null ? workersCpuS / serverRequests * 1e6 : null,
       primaryRssKb: rssKb,
       // The load generator's share: its CPU per request, and how busy its
-      // threads were (near 1, it limits the run, not the server).
+      // threads were (near 1, it may limit the run as much as the server).
       loadCpuUsPerReq: w.loadCpuS != null && w.requests > 0 ? w.loadCpuS / w.requests * 1e6 : null,
       loadBusy: w.loadCpuS != null && w.durationS > 0 ? w.loadCpuS / (w.durationS * cfg.threads) : null,
       hostIdle: host0 && host1 && host1.total > host0.total ? (host1.idle - host0.idle) / (host1.total - host0.total) : null,
