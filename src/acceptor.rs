@@ -533,13 +533,10 @@ fn monotonic_ns() -> u64 {
     now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
-/// `TCP_LISTEN` of the kernel's TCP states (include/net/tcp_states.h).
-const TCP_LISTEN: u8 = 10;
-
 /// The length of a TCP listener's accept queue, or None for other sockets.
 fn queue_length(fd: RawFd) -> Option<u32> {
     // For a listening socket the kernel reports its accept queue as `unacked`.
-    sys::tcp_info(fd).filter(|(info, _)| info.tcpi_state == TCP_LISTEN).map(|(info, _)| info.tcpi_unacked)
+    sys::tcp_info(fd).filter(|(info, _)| info.tcpi_state == sys::TCP_LISTEN).map(|(info, _)| info.tcpi_unacked)
 }
 
 #[cfg(test)]

@@ -175,11 +175,15 @@ pub enum Use {
     Unknown,
 }
 
-/// The kernel's TCP states a fresh connection can be in (include/net/tcp_states.h).
+/// The kernel's TCP states that `tcpi_state` reports and we look for
+/// (include/net/tcp_states.h): those a fresh connection can be in, and a
+/// listener's.
 #[cfg(target_os = "linux")]
 const TCP_ESTABLISHED: u8 = 1;
 #[cfg(target_os = "linux")]
 const TCP_CLOSE_WAIT: u8 = 8;
+#[cfg(target_os = "linux")]
+pub const TCP_LISTEN: u8 = 10;
 
 /// Whether a process that held the accepted TCP connection `fd` used it,
 /// from what the kernel counts: bytes sent or waiting to be sent, bytes
